@@ -1,0 +1,220 @@
+//! Multi-head Latent Attention (DeepSeek-V2 paper, section 2.1), in its naive and absorbed forms.
+//!
+//! Keys and values are compressed into a latent `c_kv` of `kv_lora_rank` values per token, plus one
+//! decoupled RoPE key `k_pe` shared by all heads; the cache holds only those two. The naive form
+//! expands the cached latent into per-head keys and values with `kv_b_proj`; the absorbed form folds
+//! the key up-projection into the query and applies the value up-projection after attention, so
+//! attention runs directly over the latent. Both give the same result; tests hold one to the other.
+
+use candle_core::Tensor;
+
+use crate::cache::LayerCache;
+use crate::config::DeepSeekConfig;
+use crate::error::Result;
+use crate::nn::{Linear, RmsNorm, causal_mask, masked_softmax};
+use crate::rope::{RopeStyle, RotaryEmbedding};
+use crate::weights::Weights;
+
+/// Epsilon of the latent norms: DeepSeek's code (and transformers) build `q_a_layernorm` and
+/// `kv_a_layernorm` with the RMSNorm default, not `rms_norm_eps`.
+const LATENT_NORM_EPS: f64 = 1e-6;
+
+/// Which of the two equivalent attention computations to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlaPath {
+    /// Per-head keys and values reconstructed from the latent (the reference form).
+    Naive,
+    /// Attention over the latent itself, with the up-projections folded in (the fast form).
+    Absorbed,
+}
+
+/// How queries are produced.
+#[derive(Debug, Clone)]
+enum QueryProjection {
+    /// `q_proj` straight from the hidden state (V2-Lite, no `q_lora_rank`).
+    Plain(Linear),
+    /// `q_b_proj(norm(q_a_proj(x)))` through a rank-`q_lora_rank` bottleneck.
+    LowRank {
+        down: Linear,
+        norm: RmsNorm,
+        up: Linear,
+    },
+}
+
+/// One MLA attention layer.
+#[derive(Debug, Clone)]
+pub struct Mla {
+    query: QueryProjection,
+    /// hidden -> kv_lora_rank + qk_rope_head_dim
+    kv_down: Linear,
+    kv_norm: RmsNorm,
+    /// kv_lora_rank -> heads * (qk_nope_head_dim + v_head_dim), for the naive form.
+    kv_up: Linear,
+    /// (heads, qk_nope_head_dim, kv_lora_rank): the key half of `kv_up`, folded into queries.
+    key_up: Tensor,
+    /// (heads, kv_lora_rank, v_head_dim): the value half of `kv_up`, transposed, applied after attention.
+    value_up_t: Tensor,
+    out: Linear,
+    rope: RotaryEmbedding,
+    heads: usize,
+    nope_dim: usize,
+    rope_dim: usize,
+    v_dim: usize,
+    kv_lora_rank: usize,
+    softmax_scale: f64,
+}
+
+impl Mla {
+    /// Loads `self_attn` of one layer.
+    pub fn load(w: &Weights, cfg: &DeepSeekConfig) -> Result<Self> {
+        let (hidden, heads) = (cfg.hidden_size, cfg.num_attention_heads);
+        let (nope_dim, rope_dim, v_dim) =
+            (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim);
+        let kv_lora_rank = cfg.kv_lora_rank;
+        let bias = cfg.attention_bias;
+        let query = match cfg.q_lora_rank {
+            None => QueryProjection::Plain(Linear::load(
+                &w.pp("q_proj"),
+                hidden,
+                heads * cfg.qk_head_dim(),
+                false,
+            )?),
+            Some(rank) => QueryProjection::LowRank {
+                down: Linear::load(&w.pp("q_a_proj"), hidden, rank, bias)?,
+                norm: RmsNorm::load(&w.pp("q_a_layernorm"), rank, LATENT_NORM_EPS)?,
+                up: Linear::load(&w.pp("q_b_proj"), rank, heads * cfg.qk_head_dim(), false)?,
+            },
+        };
+        let kv_up = Linear::load(
+            &w.pp("kv_b_proj"),
+            kv_lora_rank,
+            heads * (nope_dim + v_dim),
+            false,
+        )?;
+        // (heads * (nope + v), rank) -> (heads, nope + v, rank)
+        let per_head = kv_up
+            .weight()
+            .reshape((heads, nope_dim + v_dim, kv_lora_rank))?;
+        let key_up = per_head.narrow(1, 0, nope_dim)?.contiguous()?;
+        let value_up_t = per_head
+            .narrow(1, nope_dim, v_dim)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        Ok(Self {
+            query,
+            kv_down: Linear::load(
+                &w.pp("kv_a_proj_with_mqa"),
+                hidden,
+                kv_lora_rank + rope_dim,
+                bias,
+            )?,
+            kv_norm: RmsNorm::load(&w.pp("kv_a_layernorm"), kv_lora_rank, LATENT_NORM_EPS)?,
+            kv_up,
+            key_up,
+            value_up_t,
+            out: Linear::load(&w.pp("o_proj"), heads * v_dim, hidden, bias)?,
+            rope: RotaryEmbedding::new(
+                rope_dim,
+                cfg.rope_theta,
+                &cfg.rope_scaling,
+                RopeStyle::Interleaved,
+            ),
+            heads,
+            nope_dim,
+            rope_dim,
+            v_dim,
+            kv_lora_rank,
+            softmax_scale: cfg.softmax_scale(),
+        })
+    }
+
+    /// (seq, hidden) at positions `start ..` -> (seq, hidden), appending the latent to `cache`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        start: usize,
+        cache: &mut LayerCache,
+        path: MlaPath,
+    ) -> Result<Tensor> {
+        let seq = x.dim(0)?;
+        let h = self.heads;
+        let q = match &self.query {
+            QueryProjection::Plain(proj) => proj.forward(x)?,
+            QueryProjection::LowRank { down, norm, up } => {
+                up.forward(&norm.forward(&down.forward(x)?)?)?
+            }
+        };
+        // (seq, heads * qk) -> (heads, seq, qk)
+        let q = q
+            .reshape((seq, h, self.nope_dim + self.rope_dim))?
+            .transpose(0, 1)?;
+        let q_nope = q.narrow(2, 0, self.nope_dim)?.contiguous()?;
+        let q_pe = self
+            .rope
+            .apply(
+                &q.narrow(2, self.nope_dim, self.rope_dim)?.unsqueeze(0)?,
+                start,
+            )?
+            .squeeze(0)?; // (heads, seq, rope)
+
+        let kv = self.kv_down.forward(x)?; // (seq, kv_lora_rank + rope)
+        let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, self.kv_lora_rank)?)?;
+        let k_pe =
+            kv.narrow(1, self.kv_lora_rank, self.rope_dim)?
+                .reshape((1, 1, seq, self.rope_dim))?;
+        let k_pe = self
+            .rope
+            .apply(&k_pe, start)?
+            .reshape((seq, self.rope_dim))?;
+        let (c_kv, k_pe) = cache.append(&c_kv, &k_pe)?; // (t, kv_lora_rank), (t, rope)
+        let t = c_kv.dim(0)?;
+        let mask = if seq > 1 {
+            Some(causal_mask(start, seq, x.device())?)
+        } else {
+            None
+        };
+
+        let out = match path {
+            MlaPath::Absorbed => {
+                let q_latent = q_nope.matmul(&self.key_up)?; // (heads, seq, kv_lora_rank)
+                let scores = q_latent
+                    .reshape((h * seq, self.kv_lora_rank))?
+                    .matmul(&c_kv.t()?)?
+                    .add(&q_pe.reshape((h * seq, self.rope_dim))?.matmul(&k_pe.t()?)?)?
+                    .reshape((h, seq, t))?;
+                let probs = masked_softmax(&scores, self.softmax_scale, mask.as_ref())?;
+                probs
+                    .reshape((h * seq, t))?
+                    .matmul(&c_kv)?
+                    .reshape((h, seq, self.kv_lora_rank))?
+                    .matmul(&self.value_up_t)? // (heads, seq, v)
+            }
+            MlaPath::Naive => {
+                // (t, heads * (nope + v)) -> (heads, t, nope + v)
+                let kv = self
+                    .kv_up
+                    .forward(&c_kv)?
+                    .reshape((t, h, self.nope_dim + self.v_dim))?
+                    .transpose(0, 1)?;
+                let k_nope = kv.narrow(2, 0, self.nope_dim)?;
+                let v = kv.narrow(2, self.nope_dim, self.v_dim)?.contiguous()?;
+                let k_pe = k_pe.unsqueeze(0)?.broadcast_as((h, t, self.rope_dim))?;
+                let k = Tensor::cat(&[&k_nope, &k_pe], 2)?; // (heads, t, qk)
+                let q = Tensor::cat(&[&q_nope, &q_pe], 2)?; // (heads, seq, qk)
+                let scores = q.matmul(&k.transpose(1, 2)?.contiguous()?)?; // (heads, seq, t)
+                masked_softmax(&scores, self.softmax_scale, mask.as_ref())?.matmul(&v)?
+            }
+        };
+        // (heads, seq, v) -> (seq, heads * v)
+        let out = out.transpose(0, 1)?.reshape((seq, h * self.v_dim))?;
+        self.out.forward(&out)
+    }
+}
+
+/// Cache elements per token of MLA (latent plus RoPE key) and of the multi-head attention it replaces.
+pub fn kv_elements_per_token(cfg: &DeepSeekConfig) -> (usize, usize) {
+    let layers = cfg.num_hidden_layers;
+    let latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers;
+    let mha = cfg.num_attention_heads * (cfg.qk_head_dim() + cfg.v_head_dim) * layers;
+    (latent, mha)
+}

@@ -1,0 +1,204 @@
+//! DeepSeekMoE (DeepSeek-V2 paper 2.2, V3 paper 2.1.2): shared experts plus fine-grained routed experts.
+//!
+//! The router turns each token's logits into scores (softmax or sigmoid), optionally limits the
+//! choice to the best `topk_group` expert groups, picks `top_k` experts and weights them. V3 adds
+//! `e_score_correction_bias` to the scores for *selection only* (auxiliary-loss-free balancing); the
+//! weights come from the unbiased scores. Weight normalization follows DeepSeek's own code: V2
+//! either normalizes or scales by `routed_scaling_factor`, V3 normalizes (if asked) and then scales.
+//! (transformers' V2 router ignores `norm_topk_prob`; it agrees wherever that flag is false.)
+
+use candle_core::{DType, Tensor};
+
+use crate::config::{DeepSeekConfig, DeepSeekVersion, ScoringFunc, TopkMethod};
+use crate::error::{ModelError, Result};
+use crate::nn::Mlp;
+use crate::weights::Weights;
+
+/// Expert selection for one token: `(expert index, weight)` pairs.
+pub type Routing = Vec<(usize, f32)>;
+
+/// The routing rule of a MoE layer, independent of any weights but the router's.
+#[derive(Debug, Clone)]
+pub struct Router {
+    pub version: DeepSeekVersion,
+    pub scoring: ScoringFunc,
+    pub method: TopkMethod,
+    pub top_k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f32,
+    /// (experts) bias added to scores for selection only (`noaux_tc`).
+    pub correction_bias: Option<Vec<f32>>,
+}
+
+impl Router {
+    /// The routing rule a config describes, with the layer's correction bias.
+    pub fn from_config(cfg: &DeepSeekConfig, correction_bias: Option<Vec<f32>>) -> Self {
+        Self {
+            version: cfg.version,
+            scoring: cfg.scoring_func,
+            method: cfg.topk_method,
+            top_k: cfg.num_experts_per_tok,
+            n_group: cfg.n_group,
+            topk_group: cfg.topk_group,
+            norm_topk_prob: cfg.norm_topk_prob,
+            routed_scaling_factor: cfg.routed_scaling_factor as f32,
+            correction_bias,
+        }
+    }
+
+    /// Chooses experts and their weights from one token's router logits (experts).
+    pub fn route(&self, logits: &[f32]) -> Routing {
+        let n = logits.len();
+        let scores: Vec<f32> = match self.scoring {
+            ScoringFunc::Softmax => {
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let exp: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
+                let sum: f32 = exp.iter().sum();
+                exp.iter().map(|e| e / sum).collect()
+            }
+            ScoringFunc::Sigmoid => logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
+        };
+        let choice: Vec<f32> = match (&self.correction_bias, self.method) {
+            (Some(bias), TopkMethod::NoauxTc) => {
+                scores.iter().zip(bias).map(|(s, b)| s + b).collect()
+            }
+            _ => scores.clone(),
+        };
+        let mut allowed = vec![true; n];
+        let group_size = n / self.n_group;
+        let group_score = |g: usize| -> f32 {
+            let mut members: Vec<f32> = choice[g * group_size..(g + 1) * group_size].to_vec();
+            members.sort_by(|a, b| b.total_cmp(a));
+            match self.method {
+                // V3 ranks a group by the sum of its two best (biased) scores.
+                TopkMethod::NoauxTc => members.iter().take(2).sum(),
+                _ => members[0],
+            }
+        };
+        if self.method != TopkMethod::Greedy && self.n_group > 1 {
+            let kept = top_indices(
+                &(0..self.n_group).map(group_score).collect::<Vec<_>>(),
+                self.topk_group,
+            );
+            for (e, allow) in allowed.iter_mut().enumerate() {
+                *allow = kept.contains(&(e / group_size));
+            }
+        }
+        let masked: Vec<f32> = choice
+            .iter()
+            .zip(&allowed)
+            .map(|(&c, &a)| if a { c } else { f32::NEG_INFINITY })
+            .collect();
+        let chosen = top_indices(&masked, self.top_k);
+        let mut weights: Vec<f32> = chosen.iter().map(|&e| scores[e]).collect();
+        let normalize =
+            self.norm_topk_prob && (self.version == DeepSeekVersion::V3 || self.top_k > 1);
+        if normalize {
+            let sum: f32 = weights.iter().sum::<f32>() + 1e-20;
+            weights.iter_mut().for_each(|w| *w /= sum);
+        }
+        // DeepSeek-V2 scales only unnormalized weights; V3 always scales.
+        if !normalize || self.version == DeepSeekVersion::V3 {
+            weights
+                .iter_mut()
+                .for_each(|w| *w *= self.routed_scaling_factor);
+        }
+        chosen.into_iter().zip(weights).collect()
+    }
+}
+
+/// Indices of the `k` largest values, largest first.
+fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+    order.truncate(k);
+    order
+}
+
+/// A DeepSeekMoE feed-forward layer: router, routed experts, shared experts.
+#[derive(Debug, Clone)]
+pub struct Moe {
+    /// (experts, hidden)
+    gate: Tensor,
+    router: Router,
+    experts: Vec<Mlp>,
+    shared: Option<Mlp>,
+}
+
+impl Moe {
+    /// Loads `mlp` of a MoE layer, with per-expert tensors as DeepSeek publishes them.
+    pub fn load(w: &Weights, cfg: &DeepSeekConfig) -> Result<Self> {
+        let (hidden, n) = (cfg.hidden_size, cfg.n_routed_experts);
+        let gate = w.get("gate.weight", &[n, hidden])?;
+        let correction_bias = if cfg.topk_method == TopkMethod::NoauxTc {
+            let name = "gate.e_score_correction_bias";
+            if !w.contains(name) {
+                return Err(ModelError::MissingTensor {
+                    name: w.full_name(name),
+                    dir: "the checkpoint (topk_method noaux_tc needs it)".into(),
+                });
+            }
+            Some(w.get(name, &[n])?.to_dtype(DType::F32)?.to_vec1()?)
+        } else {
+            None
+        };
+        let experts = (0..n)
+            .map(|i| {
+                Mlp::load(
+                    &w.pp(format!("experts.{i}")),
+                    hidden,
+                    cfg.moe_intermediate_size,
+                    false,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let shared = if cfg.n_shared_experts > 0 {
+            Some(Mlp::load(
+                &w.pp("shared_experts"),
+                hidden,
+                cfg.moe_intermediate_size * cfg.n_shared_experts,
+                false,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            gate,
+            router: Router::from_config(cfg, correction_bias),
+            experts,
+            shared,
+        })
+    }
+
+    /// (tokens, hidden) -> (tokens, hidden). Each expert runs once on the tokens routed to it.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let logits: Vec<Vec<f32>> = x.matmul(&self.gate.t()?)?.to_vec2()?; // (tokens, experts)
+        let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> =
+            vec![(Vec::new(), Vec::new()); self.experts.len()];
+        for (token, token_logits) in logits.iter().enumerate() {
+            for (expert, weight) in self.router.route(token_logits) {
+                per_expert[expert].0.push(token as u32);
+                per_expert[expert].1.push(weight);
+            }
+        }
+        let mut out = match &self.shared {
+            Some(shared) => shared.forward(x)?,
+            None => x.zeros_like()?,
+        };
+        for (expert, (tokens, weights)) in self.experts.iter().zip(per_expert) {
+            if tokens.is_empty() {
+                continue;
+            }
+            let n = tokens.len();
+            let index = Tensor::from_vec(tokens, n, x.device())?;
+            let weights = Tensor::from_vec(weights, (n, 1), x.device())?;
+            let y = expert
+                .forward(&x.index_select(&index, 0)?)?
+                .broadcast_mul(&weights)?;
+            out = out.index_add(&index, &y, 0)?;
+        }
+        Ok(out)
+    }
+}

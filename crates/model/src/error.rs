@@ -1,0 +1,58 @@
+//! Errors of the model core: each names the file, tensor or config field at fault.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading a checkpoint or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid JSON for this purpose: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(
+        "unsupported architecture {0:?}: tiefsee runs DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, Qwen2ForCausalLM and LlamaForCausalLM"
+    )]
+    UnsupportedArchitecture(String),
+    #[error("config.json: {field} = {value} is not supported: {reason}")]
+    UnsupportedConfig {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("config.json: {field} is missing or invalid: {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
+    #[error("{file}: not a valid safetensors file (truncated or corrupt?): {reason}")]
+    Safetensors { file: PathBuf, reason: String },
+    #[error("tensor {name} is missing from the checkpoint in {dir}")]
+    MissingTensor { name: String, dir: PathBuf },
+    #[error("tensor {name} in {file} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        file: PathBuf,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("tensor {name} in {file} has dtype {dtype}, which tiefsee cannot load here")]
+    UnsupportedDtype {
+        name: String,
+        file: PathBuf,
+        dtype: String,
+    },
+    #[error("the input is empty: at least one token is needed")]
+    EmptyInput,
+    #[error("{needed} tokens do not fit in the context of {context} tokens")]
+    ContextOverflow { needed: usize, context: usize },
+    #[error("token id {id} is outside the vocabulary of {vocab_size}")]
+    TokenOutOfRange { id: u32, vocab_size: usize },
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// Result of the model core.
+pub type Result<T> = std::result::Result<T, ModelError>;

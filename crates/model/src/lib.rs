@@ -1,0 +1,213 @@
+//! tiefsee's model core: DeepSeek-V2/V3/R1 (MLA, DeepSeekMoE, MTP) and the Llama/Qwen2 families of
+//! the R1-Distill models, loaded from Hugging Face checkpoints as published.
+//!
+//! The model is pure: token ids and a cache in, logits out. It knows nothing of text, sampling or
+//! scheduling; tokenizer, engine and server live beside it.
+
+pub mod cache;
+pub mod config;
+pub mod deepseek;
+pub mod error;
+pub mod llama;
+pub mod nn;
+pub mod rope;
+pub mod weights;
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+pub use cache::Cache;
+pub use config::ModelConfig;
+pub use deepseek::mla::MlaPath;
+pub use error::{ModelError, Result};
+pub use weights::Checkpoint;
+
+/// Which positions to compute logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position (generation): (1, vocab).
+    Last,
+    /// Every position (scoring, perplexity): (seq, vocab).
+    All,
+}
+
+/// The architectures behind one type.
+#[derive(Debug, Clone)]
+enum Architecture {
+    DeepSeek(deepseek::DeepSeek),
+    Llama(llama::Llama),
+}
+
+/// A loaded causal language model.
+#[derive(Debug, Clone)]
+pub struct Model {
+    arch: Architecture,
+    config: ModelConfig,
+    device: Device,
+    info: ModelInfo,
+}
+
+/// What `tiefsee info` reports about a checkpoint.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    pub architecture: String,
+    /// Parameters of the main model (embedding and head included, MTP layers excluded).
+    pub total_params: u64,
+    /// Parameters used for one token: all but the routed experts a token does not visit.
+    pub active_params: u64,
+    /// Parameters of the multi-token-prediction layers.
+    pub mtp_params: u64,
+    /// Stored dtypes of the checkpoint's tensors, e.g. ["BF16", "F32"].
+    pub stored_dtypes: Vec<String>,
+    /// Dtype of the cache and of compute.
+    pub cache_dtype: String,
+    /// Bytes the cache holds per token (for MLA: latent plus RoPE key, all layers).
+    pub kv_bytes_per_token: u64,
+    /// Bytes per token that full multi-head attention with these dimensions would cache.
+    pub kv_bytes_per_token_mha: u64,
+    pub layers: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+}
+
+impl Model {
+    /// Loads a Hugging Face checkpoint folder (config.json and safetensors) onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config = ModelConfig::from_dir(dir)?;
+        let fp8 = match &config {
+            ModelConfig::DeepSeek(c) => c.fp8_block_size,
+            ModelConfig::Llama(_) => None,
+        };
+        let checkpoint = Checkpoint::open(dir, device)?.with_fp8_block_size(fp8);
+        let root = checkpoint.pp("");
+        let arch = match &config {
+            ModelConfig::DeepSeek(c) => Architecture::DeepSeek(deepseek::DeepSeek::load(&root, c)?),
+            ModelConfig::Llama(c) => Architecture::Llama(llama::Llama::load(&root, c)?),
+        };
+        let info = model_info(&config, &checkpoint);
+        Ok(Self {
+            arch,
+            config,
+            device: device.clone(),
+            info,
+        })
+    }
+
+    /// The configuration read from `config.json`.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Sizes and cache costs, for `tiefsee info` and run statistics.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The DeepSeek model inside, if this is one (for MLA-path selection and MTP access).
+    pub fn as_deepseek_mut(&mut self) -> Option<&mut deepseek::DeepSeek> {
+        match &mut self.arch {
+            Architecture::DeepSeek(m) => Some(m),
+            Architecture::Llama(_) => None,
+        }
+    }
+
+    /// An empty cache for up to `context` tokens (at most the configured maximum when `None`).
+    pub fn new_cache(&self, context: Option<usize>) -> Cache {
+        let context = context.unwrap_or(self.config.max_position_embeddings());
+        match &self.arch {
+            Architecture::DeepSeek(m) => m.new_cache(context),
+            Architecture::Llama(m) => m.new_cache(context),
+        }
+    }
+
+    /// Runs `tokens` after what `cache` holds and returns f32 logits, (1 | seq, vocab).
+    pub fn forward(&self, tokens: &[u32], cache: &mut Cache, which: Logits) -> Result<Tensor> {
+        cache.reserve(tokens.len())?;
+        let vocab_size = self.config.vocab_size();
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(ModelError::TokenOutOfRange { id, vocab_size });
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let hidden = match &self.arch {
+            Architecture::DeepSeek(m) => m.forward_hidden(&ids, cache)?,
+            Architecture::Llama(m) => m.forward_hidden(&ids, cache)?,
+        };
+        let hidden = match which {
+            Logits::All => hidden,
+            Logits::Last => hidden.narrow(0, tokens.len() - 1, 1)?,
+        };
+        match &self.arch {
+            Architecture::DeepSeek(m) => m.logits(&hidden),
+            Architecture::Llama(m) => m.logits(&hidden),
+        }
+    }
+}
+
+fn model_info(config: &ModelConfig, checkpoint: &Checkpoint) -> ModelInfo {
+    let numel = |name: &str| -> u64 {
+        checkpoint
+            .shape_of(name)
+            .map_or(0, |s| s.iter().product::<usize>() as u64)
+    };
+    // FP8 scales are bookkeeping, not parameters.
+    let params = |pred: &dyn Fn(&str) -> bool| -> u64 {
+        checkpoint
+            .names()
+            .filter(|n| !n.ends_with("_scale_inv") && pred(n))
+            .map(numel)
+            .sum()
+    };
+    let cache_dtype_bytes = 4u64;
+    match config {
+        ModelConfig::DeepSeek(c) => {
+            let mtp_prefixes: Vec<String> = (0..c.num_nextn_predict_layers)
+                .map(|k| format!("model.layers.{}.", c.num_hidden_layers + k))
+                .collect();
+            let is_mtp = |n: &str| mtp_prefixes.iter().any(|p| n.starts_with(p.as_str()));
+            let total_params = params(&|n| !is_mtp(n));
+            let mtp_params = params(&|n| is_mtp(n));
+            let moe_layers = (0..c.num_hidden_layers)
+                .filter(|&l| c.ffn_kind(l) == config::FfnKind::Moe)
+                .count() as u64;
+            let expert_params = 3 * (c.hidden_size * c.moe_intermediate_size) as u64;
+            let idle = (c.n_routed_experts - c.num_experts_per_tok) as u64;
+            let (latent, mha) = deepseek::mla::kv_elements_per_token(c);
+            ModelInfo {
+                architecture: config.architecture().into(),
+                total_params,
+                active_params: total_params - moe_layers * idle * expert_params,
+                mtp_params,
+                stored_dtypes: checkpoint.stored_dtypes(),
+                cache_dtype: "F32".into(),
+                kv_bytes_per_token: latent as u64 * cache_dtype_bytes,
+                kv_bytes_per_token_mha: mha as u64 * cache_dtype_bytes,
+                layers: c.num_hidden_layers,
+                vocab_size: c.vocab_size,
+                context_length: c.max_position_embeddings,
+            }
+        }
+        ModelConfig::Llama(c) => {
+            let total_params = params(&|n| !(c.tie_word_embeddings && n == "lm_head.weight"));
+            let kv = (2 * c.num_key_value_heads * c.head_dim * c.num_hidden_layers) as u64
+                * cache_dtype_bytes;
+            ModelInfo {
+                architecture: config.architecture().into(),
+                total_params,
+                active_params: total_params,
+                mtp_params: 0,
+                stored_dtypes: checkpoint.stored_dtypes(),
+                cache_dtype: "F32".into(),
+                kv_bytes_per_token: kv,
+                kv_bytes_per_token_mha: (2
+                    * c.num_attention_heads
+                    * c.head_dim
+                    * c.num_hidden_layers) as u64
+                    * cache_dtype_bytes,
+                layers: c.num_hidden_layers,
+                vocab_size: c.vocab_size,
+                context_length: c.max_position_embeddings,
+            }
+        }
+    }
+}

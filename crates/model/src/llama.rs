@@ -1,0 +1,165 @@
+//! Llama and Qwen2 decoders, as the DeepSeek-R1-Distill models use them: grouped-query attention
+//! with half-split RoPE (optionally Llama 3.1-scaled), SwiGLU MLPs, tied or untied output head.
+//! Qwen2 differs only by its query/key/value biases, so both share this file.
+
+use candle_core::Tensor;
+
+use crate::cache::{Cache, LayerCache};
+use crate::config::LlamaConfig;
+use crate::error::Result;
+use crate::nn::{Linear, Mlp, RmsNorm, causal_mask, masked_softmax};
+use crate::rope::{RopeStyle, RotaryEmbedding};
+use crate::weights::Weights;
+
+/// Grouped-query self-attention: `heads` query heads share `kv_heads` key/value heads.
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    rope: RotaryEmbedding,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(w: &Weights, cfg: &LlamaConfig) -> Result<Self> {
+        let (hidden, d) = (cfg.hidden_size, cfg.head_dim);
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(Self {
+            q: Linear::load(&w.pp("q_proj"), hidden, heads * d, cfg.qkv_bias)?,
+            k: Linear::load(&w.pp("k_proj"), hidden, kv_heads * d, cfg.qkv_bias)?,
+            v: Linear::load(&w.pp("v_proj"), hidden, kv_heads * d, cfg.qkv_bias)?,
+            o: Linear::load(&w.pp("o_proj"), heads * d, hidden, cfg.o_bias)?,
+            rope: RotaryEmbedding::new(d, cfg.rope_theta, &cfg.rope_scaling, RopeStyle::HalfSplit),
+            heads,
+            kv_heads,
+            head_dim: d,
+        })
+    }
+
+    /// (seq, hidden) -> (seq, hidden), appending keys and values to `cache`.
+    fn forward(&self, x: &Tensor, start: usize, cache: &mut LayerCache) -> Result<Tensor> {
+        let seq = x.dim(0)?;
+        let d = self.head_dim;
+        // (seq, n * d) -> (1, n, seq, d), rotated
+        let heads_first = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((seq, n, d))?.transpose(0, 1)?.unsqueeze(0)?)
+        };
+        let q = self
+            .rope
+            .apply(&heads_first(self.q.forward(x)?, self.heads)?, start)?;
+        let k = self
+            .rope
+            .apply(&heads_first(self.k.forward(x)?, self.kv_heads)?, start)?;
+        let v = heads_first(self.v.forward(x)?, self.kv_heads)?.contiguous()?;
+        let (k, v) = cache.append(&k.squeeze(0)?, &v.squeeze(0)?)?; // (kv_heads, t, d)
+        let t = k.dim(1)?;
+        let group = self.heads / self.kv_heads;
+        // Query head h uses key/value head h / group: (heads, seq, d) -> (kv_heads, group * seq, d).
+        let q = q.squeeze(0)?.reshape((self.kv_heads, group * seq, d))?;
+        let scores = q.matmul(&k.t()?)?.reshape((self.heads, seq, t))?;
+        let mask = if seq > 1 {
+            Some(causal_mask(start, seq, x.device())?)
+        } else {
+            None
+        };
+        let probs = masked_softmax(&scores, (d as f64).powf(-0.5), mask.as_ref())?;
+        let out = probs
+            .reshape((self.kv_heads, group * seq, t))?
+            .matmul(&v)?
+            .reshape((self.heads, seq, d))?
+            .transpose(0, 1)?
+            .reshape((seq, self.heads * d))?;
+        self.o.forward(&out)
+    }
+}
+
+/// One decoder block: pre-norm attention and pre-norm MLP, each with a residual.
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    mlp_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A Llama or Qwen2 causal language model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    /// (vocab, hidden)
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+}
+
+impl Llama {
+    /// Loads every tensor the config calls for, checking names and shapes.
+    pub fn load(w: &Weights, cfg: &LlamaConfig) -> Result<Self> {
+        let (vocab, hidden, eps) = (cfg.vocab_size, cfg.hidden_size, cfg.rms_norm_eps);
+        let model = w.pp("model");
+        let embed = model.get("embed_tokens.weight", &[vocab, hidden])?;
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = model.pp(format!("layers.{i}"));
+                Ok(Block {
+                    attn_norm: RmsNorm::load(&l.pp("input_layernorm"), hidden, eps)?,
+                    attn: Attention::load(&l.pp("self_attn"), cfg)?,
+                    mlp_norm: RmsNorm::load(&l.pp("post_attention_layernorm"), hidden, eps)?,
+                    mlp: Mlp::load(&l.pp("mlp"), hidden, cfg.intermediate_size, cfg.mlp_bias)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Some tied checkpoints still store lm_head; transformers ignores it then, and so do we.
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::from_weight(embed.clone())
+        } else {
+            Linear::load(&w.pp("lm_head"), hidden, vocab, false)?
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm: RmsNorm::load(&model.pp("norm"), hidden, eps)?,
+            lm_head,
+        })
+    }
+
+    /// The configuration the model was loaded with.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// An empty key/value cache for up to `context` tokens.
+    pub fn new_cache(&self, context: usize) -> Cache {
+        Cache::new(
+            (0..self.blocks.len()).map(|_| LayerCache::new(1)).collect(),
+            context,
+        )
+    }
+
+    /// Final hidden states (seq, hidden), after the last norm, for tokens following the cache.
+    pub fn forward_hidden(&self, tokens: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let start = cache.len();
+        let seq = tokens.dim(0)?;
+        let mut x = self.embed.index_select(tokens, 0)?;
+        for (block, layer_cache) in self.blocks.iter().zip(cache.layers_mut()) {
+            let h = block
+                .attn
+                .forward(&block.attn_norm.forward(&x)?, start, layer_cache)?;
+            x = (x + h)?;
+            x = (&x + block.mlp.forward(&block.mlp_norm.forward(&x)?)?)?;
+        }
+        cache.advance(seq);
+        self.norm.forward(&x)
+    }
+
+    /// (seq, hidden) -> (seq, vocab)
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+}

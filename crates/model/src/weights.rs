@@ -1,0 +1,270 @@
+//! Checked, memory-mapped access to a Hugging Face checkpoint's safetensors files.
+//!
+//! A folder holds either one `model.safetensors` or shards listed by `model.safetensors.index.json`.
+//! Every file is validated when opened (a truncated file is an error naming it), and every tensor
+//! is checked for name and shape when fetched. Weights are converted to f32 for compute; DeepSeek's
+//! FP8 release (e4m3 weights with a `weight_scale_inv` per 128x128 block) is dequantized on load.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+
+use crate::error::{ModelError, Result};
+
+/// Where one tensor lives: which file, at which bytes, with which stored dtype and shape.
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// The tensors of a checkpoint folder, memory-mapped and indexed by name.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<(PathBuf, Mmap)>,
+    tensors: HashMap<String, TensorEntry>,
+    fp8_block_size: Option<[usize; 2]>,
+    device: Device,
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors` or the shards of `model.safetensors.index.json` in `dir`.
+    pub fn open(dir: &Path, device: &Device) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let paths = if single.is_file() {
+            vec![single]
+        } else if index.is_file() {
+            shard_paths(dir, &index)?
+        } else {
+            return Err(ModelError::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors or model.safetensors.index.json here",
+                ),
+            });
+        };
+        let mut files = Vec::with_capacity(paths.len());
+        let mut tensors = HashMap::new();
+        for (file_idx, path) in paths.into_iter().enumerate() {
+            let io_err = |source| ModelError::Io {
+                path: path.clone(),
+                source,
+            };
+            let file = std::fs::File::open(&path).map_err(io_err)?;
+            // SAFETY: the map is read-only; a checkpoint modified while it is open is the user's
+            // responsibility, as with every mmap-based loader.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(io_err)?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Safetensors {
+                file: path.clone(),
+                reason: e.to_string(),
+            })?;
+            let base = mmap.as_ptr() as usize;
+            for (name, view) in st.tensors() {
+                let start = view.data().as_ptr() as usize - base;
+                let entry = TensorEntry {
+                    file: file_idx,
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    start,
+                    end: start + view.data().len(),
+                };
+                tensors.insert(name, entry);
+            }
+            files.push((path, mmap));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            tensors,
+            fp8_block_size: None,
+            device: device.clone(),
+        })
+    }
+
+    /// Declares the checkpoint as DeepSeek's FP8 release with scales per block of this shape.
+    pub fn with_fp8_block_size(mut self, block: Option<[usize; 2]>) -> Self {
+        self.fp8_block_size = block;
+        self
+    }
+
+    /// The device tensors are loaded onto.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether the checkpoint holds a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Names of all tensors, for counting parameters and finding unexpected ones.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Stored shape of a tensor, if present.
+    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// Stored dtype names of all tensors (e.g. "BF16", "F8_E4M3"), for `info`.
+    pub fn stored_dtypes(&self) -> Vec<String> {
+        let mut dtypes: Vec<String> = self
+            .tensors
+            .values()
+            .map(|e| format!("{:?}", e.dtype))
+            .collect();
+        dtypes.sort();
+        dtypes.dedup();
+        dtypes
+    }
+
+    /// A view of the tensors under `prefix` (joined with dots), as candle's `VarBuilder::pp`.
+    pub fn pp(&self, prefix: impl AsRef<str>) -> Weights<'_> {
+        Weights {
+            checkpoint: self,
+            prefix: prefix.as_ref().to_owned(),
+        }
+    }
+
+    /// Loads a tensor as f32, checking its shape; FP8 weights are dequantized with their block scales.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let entry = self.entry(name)?;
+        let file = &self.files[entry.file].0;
+        if entry.shape != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_owned(),
+                file: file.clone(),
+                expected: shape.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        let raw = self.raw(name, entry)?;
+        if entry.dtype != safetensors::Dtype::F8_E4M3 {
+            return Ok(raw.to_dtype(DType::F32)?);
+        }
+        let (block, rows, cols) = match (self.fp8_block_size, shape) {
+            (Some(block), &[rows, cols]) => (block, rows, cols),
+            _ => {
+                return Err(ModelError::UnsupportedDtype {
+                    name: name.to_owned(),
+                    file: file.clone(),
+                    dtype: "F8_E4M3 outside a 2-D weight of a block-scaled fp8 checkpoint".into(),
+                });
+            }
+        };
+        let scale_name = format!("{name}_scale_inv");
+        let (br, bc) = (rows.div_ceil(block[0]), cols.div_ceil(block[1]));
+        let scale = self.get(&scale_name, &[br, bc])?;
+        // (br, bc) -> (br, block0, bc, block1) -> (rows, cols): one scale per block.
+        let scale = scale
+            .reshape((br, 1, bc, 1))?
+            .broadcast_as((br, block[0], bc, block[1]))?
+            .reshape((br * block[0], bc * block[1]))?
+            .narrow(0, 0, rows)?
+            .narrow(1, 0, cols)?;
+        Ok(raw.to_dtype(DType::F32)?.mul(&scale)?)
+    }
+
+    fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_owned(),
+                dir: self.dir.clone(),
+            })
+    }
+
+    fn raw(&self, name: &str, entry: &TensorEntry) -> Result<Tensor> {
+        let (file, mmap) = &self.files[entry.file];
+        let dtype = match entry.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F64 => DType::F64,
+            safetensors::Dtype::F8_E4M3 => DType::F8E4M3,
+            other => {
+                return Err(ModelError::UnsupportedDtype {
+                    name: name.to_owned(),
+                    file: file.clone(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        let bytes = &mmap[entry.start..entry.end];
+        Ok(Tensor::from_raw_buffer(
+            bytes,
+            dtype,
+            &entry.shape,
+            &self.device,
+        )?)
+    }
+}
+
+fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
+    }
+    let parsed: Index = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let mut names: Vec<&String> = parsed.weight_map.values().collect();
+    names.sort();
+    names.dedup();
+    Ok(names.into_iter().map(|n| dir.join(n)).collect())
+}
+
+/// A name prefix into a [`Checkpoint`]: `weights.pp("self_attn").get("q_proj.weight", ..)`.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    checkpoint: &'a Checkpoint,
+    prefix: String,
+}
+
+impl<'a> Weights<'a> {
+    /// Extends the prefix by one dotted component.
+    pub fn pp(&self, name: impl AsRef<str>) -> Weights<'a> {
+        Weights {
+            checkpoint: self.checkpoint,
+            prefix: self.full_name(name.as_ref()),
+        }
+    }
+
+    /// Full tensor name of `name` under this prefix.
+    pub fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// Loads `name` under this prefix as f32, checking its shape.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.checkpoint.get(&self.full_name(name), shape)
+    }
+
+    /// Whether `name` exists under this prefix.
+    pub fn contains(&self, name: &str) -> bool {
+        self.checkpoint.contains(&self.full_name(name))
+    }
+
+    /// The device tensors are loaded onto.
+    pub fn device(&self) -> &Device {
+        self.checkpoint.device()
+    }
+}

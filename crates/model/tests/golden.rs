@@ -1,0 +1,164 @@
+//! Golden tests: every fixture checkpoint against the logits and greedy tokens transformers computed
+//! (tests/fixtures/make_models.py), plus the equivalences the fast paths rely on.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+use tiefsee_model::{Logits, MlaPath, Model, Result};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+const VARIANTS: &[&str] = &[
+    "deepseek-v2-lite",
+    "deepseek-v2",
+    "deepseek-v3",
+    "deepseek-v3-fp8",
+    "qwen2",
+    "llama3",
+];
+const DEEPSEEK: &[&str] = &[
+    "deepseek-v2-lite",
+    "deepseek-v2",
+    "deepseek-v3",
+    "deepseek-v3-fp8",
+];
+
+#[derive(Deserialize)]
+struct Golden {
+    prompt_ids: Vec<u32>,
+    greedy_new_ids: Vec<u32>,
+}
+
+fn golden(name: &str) -> (Golden, Tensor) {
+    let dir = fixture(name);
+    let json = std::fs::read_to_string(dir.join("golden.json")).expect("golden.json");
+    let golden: Golden = serde_json::from_str(&json).expect("golden.json fields");
+    let tensors = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu)
+        .expect("golden.safetensors");
+    (golden, tensors["logits"].clone())
+}
+
+fn load(name: &str) -> Model {
+    Model::load(&fixture(name), &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Largest absolute difference divided by the spread (max - min) of the reference.
+fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
+    let spread = (expected.max_all().unwrap().to_scalar::<f32>().unwrap()
+        - expected.min_all().unwrap().to_scalar::<f32>().unwrap())
+    .max(1e-12);
+    let diff = (actual - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    diff.to_scalar::<f32>().unwrap() / spread
+}
+
+fn full_logits(model: &Model, ids: &[u32]) -> Result<Tensor> {
+    let mut cache = model.new_cache(None);
+    model.forward(ids, &mut cache, Logits::All)
+}
+
+#[test]
+fn logits_match_transformers() -> Result<()> {
+    for name in VARIANTS {
+        let (golden, expected) = golden(name);
+        let logits = full_logits(&load(name), &golden.prompt_ids)?;
+        let err = relative_error(&logits, &expected);
+        assert!(
+            err < 1e-4,
+            "{name}: logits differ by {err:e} of their spread"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn greedy_continuations_match_transformers() -> Result<()> {
+    for name in VARIANTS {
+        let (golden, _) = golden(name);
+        let model = load(name);
+        let mut cache = model.new_cache(None);
+        let mut logits = model.forward(&golden.prompt_ids, &mut cache, Logits::Last)?;
+        let mut generated = Vec::new();
+        while generated.len() < golden.greedy_new_ids.len() {
+            let token = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+            generated.push(token);
+            logits = model.forward(&[token], &mut cache, Logits::Last)?;
+        }
+        assert_eq!(generated, golden.greedy_new_ids, "{name}");
+    }
+    Ok(())
+}
+
+#[test]
+fn cached_decoding_equals_one_full_pass() -> Result<()> {
+    for name in VARIANTS {
+        let (golden, _) = golden(name);
+        let model = load(name);
+        let ids = &golden.prompt_ids;
+        let full = full_logits(&model, ids)?;
+        // Prefill a few tokens, then feed the rest one by one.
+        let mut cache = model.new_cache(None);
+        let mut rows = vec![model.forward(&ids[..5], &mut cache, Logits::All)?];
+        for &id in &ids[5..] {
+            rows.push(model.forward(&[id], &mut cache, Logits::All)?);
+        }
+        let stepped = Tensor::cat(&rows, 0)?;
+        let err = relative_error(&stepped, &full);
+        assert!(err < 1e-5, "{name}: cached differs from full by {err:e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn absorbed_mla_equals_naive_mla() -> Result<()> {
+    for name in DEEPSEEK {
+        let (golden, _) = golden(name);
+        let mut model = load(name);
+        let ids = &golden.prompt_ids;
+        let absorbed = full_logits(&model, ids)?;
+        let mut cache = model.new_cache(None);
+        let absorbed_step = {
+            model.forward(&ids[..ids.len() - 1], &mut cache, Logits::Last)?;
+            model.forward(&ids[ids.len() - 1..], &mut cache, Logits::Last)?
+        };
+        model
+            .as_deepseek_mut()
+            .expect("a DeepSeek model")
+            .set_mla_path(MlaPath::Naive);
+        let naive = full_logits(&model, ids)?;
+        let mut cache = model.new_cache(None);
+        model.forward(&ids[..ids.len() - 1], &mut cache, Logits::Last)?;
+        let naive_step = model.forward(&ids[ids.len() - 1..], &mut cache, Logits::Last)?;
+        let err = relative_error(&absorbed, &naive);
+        assert!(err < 1e-5, "{name}: absorbed differs from naive by {err:e}");
+        let err = relative_error(&absorbed_step, &naive_step);
+        assert!(
+            err < 1e-5,
+            "{name}: cached absorbed differs from naive by {err:e}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn latent_cache_holds_only_the_latent() -> Result<()> {
+    let model = load("deepseek-v3");
+    let tiefsee_model::ModelConfig::DeepSeek(cfg) = model.config() else {
+        panic!("deepseek-v3 is a DeepSeek config");
+    };
+    let per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4;
+    assert_eq!(model.info().kv_bytes_per_token, per_token as u64);
+    let mut cache = model.new_cache(None);
+    model.forward(&[3, 4, 5, 6, 7], &mut cache, Logits::Last)?;
+    assert_eq!(cache.bytes(), 5 * per_token);
+    Ok(())
+}

@@ -1,0 +1,22 @@
+//! Tokenizer and chat templates for tiefsee: text in, token ids out, and back.
+//!
+//! - [`Tokenizer`]: a model directory's `tokenizer.json` (through the `tokenizers` crate) with its
+//!   `tokenizer_config.json` and `generation_config.json`, encoding and decoding exactly as transformers 5.
+//! - [`StreamDecoder`]: decoding one generated id at a time without ever emitting half a character.
+//! - [`ChatTemplate`]: the model's own Jinja chat template, rendered byte-identical to transformers'
+//!   `apply_chat_template` (minijinja plus the Python-isms transformers' Jinja2 environment has).
+//!
+//! Golden tests compare against transformers on small tokenizers of each family; the script that made
+//! them is `tests/fixtures/make_templates.py`.
+
+mod chat_template;
+mod config;
+mod error;
+mod pyfmt;
+mod stream;
+mod tokenizer;
+
+pub use chat_template::{ChatTemplate, Message, RenderOptions};
+pub use error::{Error, Result};
+pub use stream::StreamDecoder;
+pub use tokenizer::Tokenizer;
