@@ -1,1 +1,65 @@
-fn main() {}
+//! `tiefsee`: run, chat with, score and inspect DeepSeek-family checkpoints from the command line.
+//!
+//! Generated text goes to stdout, streamed; statistics and errors go to stderr. Every failure is a
+//! message naming the problem and a non-zero exit, never a panic.
+
+mod chat;
+mod common;
+mod info;
+mod perplexity;
+mod run;
+mod stop;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Cheap DeepSeek-style inference.
+#[derive(Parser)]
+#[command(name = "tiefsee", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a reply (or a raw continuation) for one prompt.
+    Run(run::RunArgs),
+    /// Multi-turn chat in the terminal; Ctrl-C stops the current answer.
+    Chat(chat::ChatArgs),
+    /// Perplexity of a text file, like llama.cpp's perplexity tool.
+    Perplexity(perplexity::PerplexityArgs),
+    /// Architecture, parameter counts, dtype and KV-cache cost of a checkpoint.
+    Info(info::InfoArgs),
+}
+
+/// The checkpoint used when `--model` is not given.
+pub const DEFAULT_MODEL: &str = "models/mini-r1";
+
+/// Resolves `--model`, falling back to the shipped default model.
+pub fn model_dir(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match model {
+        Some(path) => Ok(path),
+        None if std::path::Path::new(DEFAULT_MODEL).is_dir() => Ok(DEFAULT_MODEL.into()),
+        None => anyhow::bail!("no --model given and the default model {DEFAULT_MODEL} is not here"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Chat(args) => chat::chat(args),
+        Command::Perplexity(args) => perplexity::perplexity(args),
+        Command::Info(args) => info::info(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

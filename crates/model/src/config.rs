@@ -283,6 +283,9 @@ pub struct DeepSeekConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
+    /// RoPE pairs adjacent elements, as DeepSeek's checkpoints do; transformers' `rope_interleave:
+    /// false` switches to half-split pairs.
+    pub rope_interleave: bool,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// DeepSeek's FP8 release: e4m3 weights with one scale per block of this shape.
@@ -323,6 +326,7 @@ struct RawDeepSeek {
     max_position_embeddings: usize,
     #[serde(default)]
     tie_word_embeddings: bool,
+    rope_interleave: Option<bool>,
     quantization_config: Option<Value>,
 }
 
@@ -469,6 +473,7 @@ impl DeepSeekConfig {
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
+            rope_interleave: raw.rope_interleave.unwrap_or(true),
             max_position_embeddings: raw.max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings,
             fp8_block_size: fp8_block_size(raw.quantization_config.as_ref())?,

@@ -93,6 +93,15 @@ impl Mlp {
         })
     }
 
+    /// An MLP from its three (out, in) weights.
+    pub fn from_weights(gate: Tensor, up: Tensor, down: Tensor) -> Self {
+        Self {
+            gate: Linear::from_weight(gate),
+            up: Linear::from_weight(up),
+            down: Linear::from_weight(down),
+        }
+    }
+
     /// (tokens, hidden) -> (tokens, hidden)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;

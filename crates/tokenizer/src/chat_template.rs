@@ -20,7 +20,8 @@
 
 use std::path::Path;
 
-use minijinja::value::{Rest, Value};
+use minijinja::syntax::SyntaxConfig;
+use minijinja::value::{Kwargs, Serde, Value};
 use minijinja::{AutoEscape, Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Map;
@@ -243,7 +244,7 @@ impl ChatTemplate {
         if let Some(extra) = options.variables {
             for (key, value) in extra {
                 vars.retain(|(k, _)| k != key);
-                vars.push((key.clone(), Value::from_serialize(value)));
+                vars.push((key.clone(), Value::from(Serde(value))));
             }
         }
         let dicts: Vec<serde_json::Value> = messages
@@ -251,9 +252,9 @@ impl ChatTemplate {
             .map(|m| serde_json::Value::Object(m.to_template_dict()))
             .collect();
         let list = |items: Option<&[serde_json::Value]>| {
-            items.map_or(Value::from(()), Value::from_serialize)
+            items.map_or(Value::from(()), |v| Value::from(Serde(v)))
         };
-        vars.push(("messages".into(), Value::from_serialize(&dicts)));
+        vars.push(("messages".into(), Value::from(Serde(&dicts))));
         vars.push(("tools".into(), list(options.tools)));
         vars.push(("documents".into(), list(options.documents)));
         vars.push((
@@ -271,7 +272,7 @@ impl ChatTemplate {
             .get_template(name)
             .map_err(|e| self.render_error(&e))?;
         template
-            .render(Value::from_iter(vars))
+            .render(Value::from_pairs(vars))
             .map_err(|e| self.render_error(&e))
     }
 
@@ -346,8 +347,12 @@ impl std::error::Error for Raised {}
 /// The Jinja environment of transformers' `_cached_compile_jinja_template`, in minijinja.
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
-    env.set_trim_blocks(true);
-    env.set_lstrip_blocks(true);
+    let syntax = SyntaxConfig::builder()
+        .trim_blocks(true)
+        .lstrip_blocks(true)
+        .build()
+        .expect("the default delimiters are a valid syntax");
+    env.set_syntax(syntax);
     env.set_auto_escape_callback(|_| AutoEscape::None);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.set_formatter(|out, state, value| match pyfmt::py_str(value) {
@@ -377,32 +382,32 @@ fn environment() -> Environment<'static> {
 
 /// transformers' `tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`,
 /// arguments positional or by keyword.
-fn tojson(value: Value, args: Rest<Value>) -> std::result::Result<Value, minijinja::Error> {
+fn tojson(
+    value: Value,
+    positional: &[Value],
+    kwargs: Kwargs,
+) -> std::result::Result<Value, minijinja::Error> {
     const NAMES: [&str; 4] = ["ensure_ascii", "indent", "separators", "sort_keys"];
-    let mut given: [Option<Value>; 4] = Default::default();
-    let mut positional = args.0;
-    if let Some(kwargs) = positional.last().filter(|v| v.is_kwargs()).cloned() {
-        positional.pop();
-        for key in kwargs.try_iter()? {
-            let name = key.as_str().unwrap_or_default();
-            let Some(slot) = NAMES.iter().position(|n| *n == name) else {
-                return Err(minijinja::Error::new(
-                    ErrorKind::TooManyArguments,
-                    format!("tojson() got an unexpected keyword argument '{name}'"),
-                ));
-            };
-            given[slot] = Some(kwargs.get_item(&key)?);
-        }
-    }
     if positional.len() > NAMES.len() {
         return Err(minijinja::Error::new(
             ErrorKind::TooManyArguments,
             "tojson() takes at most 5 arguments",
         ));
     }
-    for (slot, arg) in positional.into_iter().enumerate() {
-        given[slot] = Some(arg);
+    let mut given: [Option<Value>; 4] = Default::default();
+    for (slot, name) in NAMES.iter().enumerate() {
+        given[slot] = match (positional.get(slot), kwargs.get::<Option<Value>>(name)?) {
+            (Some(_), Some(_)) => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::TooManyArguments,
+                    format!("tojson() got multiple values for argument '{name}'"),
+                ));
+            }
+            (Some(arg), None) => Some(arg.clone()),
+            (None, kwarg) => kwarg,
+        };
     }
+    kwargs.assert_all_used()?;
     let [ensure_ascii, indent, separators, sort_keys] = given;
     let indent = indent.filter(|v| !v.is_none()).map(|v| match v.as_i64() {
         Some(n) => " ".repeat(n.max(0) as usize),

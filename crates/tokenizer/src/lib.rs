@@ -8,6 +8,22 @@
 //!
 //! Golden tests compare against transformers on small tokenizers of each family; the script that made
 //! them is `tests/fixtures/make_templates.py`.
+//!
+//! ```no_run
+//! use tiefsee_tokenizer::{Message, Tokenizer};
+//!
+//! # fn main() -> tiefsee_tokenizer::Result<()> {
+//! let tok = Tokenizer::from_dir("models/DeepSeek-R1")?;
+//! let prompt = tok.apply_chat_template(&[Message::user("Grüß dich!")], true)?;
+//! # let generated: Vec<u32> = prompt.clone();
+//! let mut stream = tok.stream(true);
+//! for id in generated {
+//!     print!("{}", stream.push(id)?);
+//! }
+//! print!("{}", stream.finish()?);
+//! # Ok(())
+//! # }
+//! ```
 
 mod chat_template;
 mod config;

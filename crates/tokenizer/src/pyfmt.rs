@@ -466,9 +466,9 @@ mod tests {
 
     #[test]
     fn json_dumps_matches_python_defaults() {
-        let v = Value::from_serialize(
+        let v = Value::from(minijinja::value::Serde(
             serde_json::json!({"b": [1, 2.5, null, true], "a": "ä\"\n\u{1}"}),
-        );
+        ));
         assert_eq!(
             json_dumps(&v, &JsonOptions::new(None)).unwrap(),
             r#"{"b": [1, 2.5, null, true], "a": "ä\"\n\u0001"}"#
@@ -481,7 +481,9 @@ mod tests {
 
     #[test]
     fn repr_matches_python() {
-        let v = Value::from_serialize(serde_json::json!({"k": ["it's", "a\"b", 1.0, null, false]}));
+        let v = Value::from(minijinja::value::Serde(
+            serde_json::json!({"k": ["it's", "a\"b", 1.0, null, false]}),
+        ));
         assert_eq!(
             py_repr(&v).unwrap(),
             r#"{'k': ["it's", 'a"b', 1.0, None, False]}"#

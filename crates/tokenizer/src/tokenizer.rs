@@ -67,7 +67,7 @@ impl Tokenizer {
             }
         };
         // Parse the JSON ourselves first so that syntax errors say where they are.
-        if let Err(source) = serde_json::from_slice::<serde_json::de::IgnoredAny>(&bytes) {
+        if let Err(source) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
             return Err(Error::Json {
                 path: path.to_path_buf(),
                 source,

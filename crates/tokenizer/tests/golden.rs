@@ -221,3 +221,10 @@ fn template_file_renders_like_the_tokenizer_config_copy() {
          <｜User｜>Und jetzt?<｜Assistant｜><think>\n"
     );
 }
+
+#[test]
+fn tokenizer_and_template_can_be_shared_across_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Tokenizer>();
+    shareable::<ChatTemplate>();
+}

@@ -41,7 +41,14 @@ fn stream_all(tok: &Tokenizer, ids: &[u32], skip_special_tokens: bool) -> Vec<St
 
 #[test]
 fn byte_level_families_stream_whole_characters() {
-    for family in ["deepseek-v3", "deepseek-v2", "qwen2", "llama3"] {
+    for family in [
+        "deepseek-v3",
+        "deepseek-v2",
+        "qwen2",
+        "llama3",
+        "r1-distill-qwen",
+        "r1-distill-llama",
+    ] {
         let tok = fixture(family);
         let mut held_back = 0;
         for text in TEXTS {

@@ -117,7 +117,11 @@ impl Mla {
                 rope_dim,
                 cfg.rope_theta,
                 &cfg.rope_scaling,
-                RopeStyle::Interleaved,
+                if cfg.rope_interleave {
+                    RopeStyle::Interleaved
+                } else {
+                    RopeStyle::HalfSplit
+                },
             ),
             heads,
             nope_dim,

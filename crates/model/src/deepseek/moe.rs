@@ -144,16 +144,27 @@ impl Moe {
         } else {
             None
         };
-        let experts = (0..n)
-            .map(|i| {
-                Mlp::load(
-                    &w.pp(format!("experts.{i}")),
-                    hidden,
-                    cfg.moe_intermediate_size,
-                    false,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let inter = cfg.moe_intermediate_size;
+        let experts = if w.contains("experts.gate_up_proj") {
+            // transformers 5 saves experts fused: gate_up_proj (experts, 2 * inter, hidden) with the
+            // gate rows first, down_proj (experts, hidden, inter).
+            let gate_up = w.get("experts.gate_up_proj", &[n, 2 * inter, hidden])?;
+            let down = w.get("experts.down_proj", &[n, hidden, inter])?;
+            (0..n)
+                .map(|i| {
+                    let gate_up = gate_up.get(i)?;
+                    Ok(Mlp::from_weights(
+                        gate_up.narrow(0, 0, inter)?,
+                        gate_up.narrow(0, inter, inter)?,
+                        down.get(i)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            (0..n)
+                .map(|i| Mlp::load(&w.pp(format!("experts.{i}")), hidden, inter, false))
+                .collect::<Result<Vec<_>>>()?
+        };
         let shared = if cfg.n_shared_experts > 0 {
             Some(Mlp::load(
                 &w.pp("shared_experts"),
