@@ -417,7 +417,7 @@ impl DeepSeekConfig {
                     format!("must be between 1 and n_routed_experts ({n_routed_experts})"),
                 );
             }
-            if n_routed_experts % n_group != 0 {
+            if !n_routed_experts.is_multiple_of(n_group) {
                 return invalid(
                     "n_group",
                     format!("{n_group} groups do not divide {n_routed_experts} experts"),
@@ -489,7 +489,7 @@ impl DeepSeekConfig {
     pub fn ffn_kind(&self, layer: usize) -> FfnKind {
         if self.n_routed_experts > 0
             && layer >= self.first_k_dense_replace
-            && layer % self.moe_layer_freq == 0
+            && layer.is_multiple_of(self.moe_layer_freq)
         {
             FfnKind::Moe
         } else {
@@ -582,7 +582,8 @@ impl LlamaConfig {
             });
         }
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if num_key_value_heads == 0 || raw.num_attention_heads % num_key_value_heads != 0 {
+        if num_key_value_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_key_value_heads)
+        {
             return Err(ModelError::InvalidConfig {
                 field: "num_key_value_heads",
                 reason: format!(
