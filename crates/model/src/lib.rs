@@ -17,7 +17,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-pub use cache::Cache;
+pub use cache::{Cache, KvStore, PagedBatch, PagedCache};
 pub use config::ModelConfig;
 pub use deepseek::mla::MlaPath;
 pub use error::{ModelError, Result};
@@ -30,6 +30,15 @@ pub enum Logits {
     Last,
     /// Every position (scoring, perplexity): (seq, vocab).
     All,
+}
+
+/// One sequence's part of a batched forward pass: `tokens` at positions `start ..`.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment<'a> {
+    pub tokens: &'a [u32],
+    pub start: usize,
+    /// Logits wanted for this segment; `None` for a prefill chunk that is not the last.
+    pub logits: Option<Logits>,
 }
 
 /// The architectures behind one type.
@@ -124,23 +133,107 @@ impl Model {
     /// Runs `tokens` after what `cache` holds and returns f32 logits, (1 | seq, vocab).
     pub fn forward(&self, tokens: &[u32], cache: &mut Cache, which: Logits) -> Result<Tensor> {
         cache.reserve(tokens.len())?;
+        let segment = Segment {
+            tokens,
+            start: cache.len(),
+            logits: Some(which),
+        };
+        let logits = self.forward_batch(&[segment], cache)?;
+        cache.advance(tokens.len());
+        logits
+            .into_iter()
+            .next()
+            .flatten()
+            .ok_or(ModelError::EmptyInput)
+    }
+
+    /// An empty pool of `slots` token slots for [`Model::forward_paged`].
+    pub fn new_paged_cache(&self, slots: usize) -> PagedCache {
+        let (layers, widths) = match &self.arch {
+            Architecture::DeepSeek(m) => (m.cache_layers(), m.cache_row_widths()),
+            Architecture::Llama(m) => (m.cache_layers(), m.cache_row_widths()),
+        };
+        PagedCache::new(layers, slots, widths, &self.device)
+    }
+
+    /// One batched step over sequences kept in a paged cache: `slot_tables[i]` gives the slot of
+    /// every position of segment i's sequence (at least `start + tokens`). Returns the requested
+    /// logits per segment.
+    pub fn forward_paged(
+        &self,
+        segments: &[Segment],
+        cache: &mut PagedCache,
+        slot_tables: Vec<&[usize]>,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let ends: Vec<usize> = segments.iter().map(|s| s.start + s.tokens.len()).collect();
+        let mut batch = cache.batch(slot_tables);
+        batch.check(&ends)?;
+        self.forward_batch(segments, &mut batch)
+    }
+
+    /// One forward pass over several sequences at once: linear layers run on all their tokens
+    /// together (each weight read once per step), attention per sequence through `store`.
+    pub fn forward_batch(
+        &self,
+        segments: &[Segment],
+        store: &mut dyn KvStore,
+    ) -> Result<Vec<Option<Tensor>>> {
         let vocab_size = self.config.vocab_size();
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab_size) {
-            return Err(ModelError::TokenOutOfRange { id, vocab_size });
+        let mut ids = Vec::new();
+        for segment in segments {
+            if segment.tokens.is_empty() {
+                return Err(ModelError::EmptyInput);
+            }
+            if let Some(&id) = segment.tokens.iter().find(|&&id| id as usize >= vocab_size) {
+                return Err(ModelError::TokenOutOfRange { id, vocab_size });
+            }
+            ids.extend_from_slice(segment.tokens);
         }
-        let ids = Tensor::new(tokens, &self.device)?;
+        if ids.is_empty() {
+            return Err(ModelError::EmptyInput);
+        }
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let hidden = match &self.arch {
-            Architecture::DeepSeek(m) => m.forward_hidden(&ids, cache)?,
-            Architecture::Llama(m) => m.forward_hidden(&ids, cache)?,
+            Architecture::DeepSeek(m) => m.forward_hidden(&ids, segments, store)?,
+            Architecture::Llama(m) => m.forward_hidden(&ids, segments, store)?,
         };
-        let hidden = match which {
-            Logits::All => hidden,
-            Logits::Last => hidden.narrow(0, tokens.len() - 1, 1)?,
-        };
-        match &self.arch {
-            Architecture::DeepSeek(m) => m.logits(&hidden),
-            Architecture::Llama(m) => m.logits(&hidden),
+        // Rows that need logits, gathered so the output head runs once.
+        let mut rows: Vec<u32> = Vec::new();
+        let mut offset = 0;
+        for segment in segments {
+            let n = segment.tokens.len();
+            match segment.logits {
+                Some(Logits::All) => rows.extend((offset..offset + n).map(|r| r as u32)),
+                Some(Logits::Last) => rows.push((offset + n - 1) as u32),
+                None => {}
+            }
+            offset += n;
         }
+        let logits = if rows.is_empty() {
+            None
+        } else {
+            let index = Tensor::new(rows.as_slice(), &self.device)?;
+            let selected = hidden.index_select(&index, 0)?;
+            Some(match &self.arch {
+                Architecture::DeepSeek(m) => m.logits(&selected)?,
+                Architecture::Llama(m) => m.logits(&selected)?,
+            })
+        };
+        let mut out = Vec::with_capacity(segments.len());
+        let mut row = 0;
+        for segment in segments {
+            let n = match segment.logits {
+                Some(Logits::All) => segment.tokens.len(),
+                Some(Logits::Last) => 1,
+                None => 0,
+            };
+            out.push(match &logits {
+                Some(l) if n > 0 => Some(l.narrow(0, row, n)?),
+                _ => None,
+            });
+            row += n;
+        }
+        Ok(out)
     }
 }
 

@@ -4,7 +4,8 @@
 
 use candle_core::Tensor;
 
-use crate::cache::{Cache, LayerCache};
+use crate::Segment;
+use crate::cache::{Cache, KvStore};
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::nn::{Linear, Mlp, RmsNorm, causal_mask, masked_softmax};
@@ -40,40 +41,68 @@ impl Attention {
         })
     }
 
-    /// (seq, hidden) -> (seq, hidden), appending keys and values to `cache`.
-    fn forward(&self, x: &Tensor, start: usize, cache: &mut LayerCache) -> Result<Tensor> {
-        let seq = x.dim(0)?;
+    /// (tokens, hidden) -> (tokens, hidden) for the concatenated tokens of `segments`; each
+    /// segment's keys and values go into `store` and its queries attend to that sequence only.
+    fn forward(
+        &self,
+        x: &Tensor,
+        segments: &[Segment],
+        layer: usize,
+        store: &mut dyn KvStore,
+    ) -> Result<Tensor> {
         let d = self.head_dim;
-        // (seq, n * d) -> (1, n, seq, d), rotated
-        let heads_first = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((seq, n, d))?.transpose(0, 1)?.unsqueeze(0)?)
-        };
-        let q = self
-            .rope
-            .apply(&heads_first(self.q.forward(x)?, self.heads)?, start)?;
-        let k = self
-            .rope
-            .apply(&heads_first(self.k.forward(x)?, self.kv_heads)?, start)?;
-        let v = heads_first(self.v.forward(x)?, self.kv_heads)?.contiguous()?;
-        let (k, v) = cache.append(&k.squeeze(0)?, &v.squeeze(0)?)?; // (kv_heads, t, d)
-        let t = k.dim(1)?;
-        let group = self.heads / self.kv_heads;
-        // Query head h uses key/value head h / group: (heads, seq, d) -> (kv_heads, group * seq, d).
-        let q = q.squeeze(0)?.reshape((self.kv_heads, group * seq, d))?;
-        let scores = q.matmul(&k.t()?)?.reshape((self.heads, seq, t))?;
-        let mask = if seq > 1 {
-            Some(causal_mask(start, seq, x.device())?)
-        } else {
-            None
-        };
-        let probs = masked_softmax(&scores, (d as f64).powf(-0.5), mask.as_ref())?;
-        let out = probs
-            .reshape((self.kv_heads, group * seq, t))?
-            .matmul(&v)?
-            .reshape((self.heads, seq, d))?
-            .transpose(0, 1)?
-            .reshape((seq, self.heads * d))?;
-        self.o.forward(&out)
+        let (q_all, k_all, v_all) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        let mut outputs = Vec::with_capacity(segments.len());
+        let mut offset = 0;
+        for (seq, segment) in segments.iter().enumerate() {
+            let (n, start) = (segment.tokens.len(), segment.start);
+            // (n, heads * d) -> (1, heads, n, d), rotated
+            let heads_first = |t: &Tensor, heads: usize| -> Result<Tensor> {
+                Ok(t.narrow(0, offset, n)?
+                    .reshape((n, heads, d))?
+                    .transpose(0, 1)?
+                    .unsqueeze(0)?)
+            };
+            let q = self.rope.apply(&heads_first(&q_all, self.heads)?, start)?;
+            let k = self
+                .rope
+                .apply(&heads_first(&k_all, self.kv_heads)?, start)?;
+            // Cached rows are (n, kv_heads * d).
+            let k = k
+                .squeeze(0)?
+                .transpose(0, 1)?
+                .reshape((n, self.kv_heads * d))?;
+            let (k, v) = store.store(seq, layer, start, &k, &v_all.narrow(0, offset, n)?)?;
+            let t = k.dim(0)?;
+            // (t, kv_heads * d) -> (kv_heads, t, d)
+            let k = k
+                .reshape((t, self.kv_heads, d))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let v = v
+                .reshape((t, self.kv_heads, d))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let group = self.heads / self.kv_heads;
+            // Query head h uses key/value head h / group: (heads, n, d) -> (kv_heads, group * n, d).
+            let q = q.squeeze(0)?.reshape((self.kv_heads, group * n, d))?;
+            let scores = q.matmul(&k.t()?)?.reshape((self.heads, n, t))?;
+            let mask = if n > 1 {
+                Some(causal_mask(start, n, x.device())?)
+            } else {
+                None
+            };
+            let probs = masked_softmax(&scores, (d as f64).powf(-0.5), mask.as_ref())?;
+            let out = probs
+                .reshape((self.kv_heads, group * n, t))?
+                .matmul(&v)?
+                .reshape((self.heads, n, d))?
+                .transpose(0, 1)?
+                .reshape((n, self.heads * d))?;
+            outputs.push(out);
+            offset += n;
+        }
+        self.o.forward(&Tensor::cat(&outputs, 0)?)
     }
 }
 
@@ -136,25 +165,35 @@ impl Llama {
 
     /// An empty key/value cache for up to `context` tokens.
     pub fn new_cache(&self, context: usize) -> Cache {
-        Cache::new(
-            (0..self.blocks.len()).map(|_| LayerCache::new(1)).collect(),
-            context,
-        )
+        Cache::new(self.blocks.len(), context)
     }
 
-    /// Final hidden states (seq, hidden), after the last norm, for tokens following the cache.
-    pub fn forward_hidden(&self, tokens: &Tensor, cache: &mut Cache) -> Result<Tensor> {
-        let start = cache.len();
-        let seq = tokens.dim(0)?;
+    /// Widths of the two cached rows per token and layer: keys and values of all kv heads.
+    pub fn cache_row_widths(&self) -> (usize, usize) {
+        let width = self.cfg.num_key_value_heads * self.cfg.head_dim;
+        (width, width)
+    }
+
+    /// Number of layers with a cache.
+    pub fn cache_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Final hidden states (tokens, hidden), after the last norm, for the concatenated segments.
+    pub fn forward_hidden(
+        &self,
+        tokens: &Tensor,
+        segments: &[Segment],
+        store: &mut dyn KvStore,
+    ) -> Result<Tensor> {
         let mut x = self.embed.index_select(tokens, 0)?;
-        for (block, layer_cache) in self.blocks.iter().zip(cache.layers_mut()) {
+        for (layer, block) in self.blocks.iter().enumerate() {
             let h = block
                 .attn
-                .forward(&block.attn_norm.forward(&x)?, start, layer_cache)?;
+                .forward(&block.attn_norm.forward(&x)?, segments, layer, store)?;
             x = (x + h)?;
             x = (&x + block.mlp.forward(&block.mlp_norm.forward(&x)?)?)?;
         }
-        cache.advance(seq);
         self.norm.forward(&x)
     }
 

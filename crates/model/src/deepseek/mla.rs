@@ -8,7 +8,8 @@
 
 use candle_core::Tensor;
 
-use crate::cache::LayerCache;
+use crate::Segment;
+use crate::cache::KvStore;
 use crate::config::DeepSeekConfig;
 use crate::error::Result;
 use crate::nn::{Linear, RmsNorm, causal_mask, masked_softmax};
@@ -132,86 +133,108 @@ impl Mla {
         })
     }
 
-    /// (seq, hidden) at positions `start ..` -> (seq, hidden), appending the latent to `cache`.
+    /// (tokens, hidden) -> (tokens, hidden) for the concatenated tokens of `segments`; each
+    /// segment's latent rows go into `store` and its queries attend to that sequence's rows only.
     pub fn forward(
         &self,
         x: &Tensor,
-        start: usize,
-        cache: &mut LayerCache,
+        segments: &[Segment],
+        layer: usize,
+        store: &mut dyn KvStore,
         path: MlaPath,
     ) -> Result<Tensor> {
-        let seq = x.dim(0)?;
         let h = self.heads;
+        // Projections run once over all tokens of the batch, so weights are read once per step.
         let q = match &self.query {
             QueryProjection::Plain(proj) => proj.forward(x)?,
             QueryProjection::LowRank { down, norm, up } => {
                 up.forward(&norm.forward(&down.forward(x)?)?)?
             }
-        };
-        // (seq, heads * qk) -> (heads, seq, qk)
-        let q = q
-            .reshape((seq, h, self.nope_dim + self.rope_dim))?
-            .transpose(0, 1)?;
-        let q_nope = q.narrow(2, 0, self.nope_dim)?.contiguous()?;
-        let q_pe = self
-            .rope
-            .apply(
-                &q.narrow(2, self.nope_dim, self.rope_dim)?.unsqueeze(0)?,
-                start,
-            )?
-            .squeeze(0)?; // (heads, seq, rope)
-
-        let kv = self.kv_down.forward(x)?; // (seq, kv_lora_rank + rope)
+        }; // (tokens, heads * qk)
+        let kv = self.kv_down.forward(x)?; // (tokens, kv_lora_rank + rope)
         let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, self.kv_lora_rank)?)?;
-        let k_pe =
-            kv.narrow(1, self.kv_lora_rank, self.rope_dim)?
-                .reshape((1, 1, seq, self.rope_dim))?;
-        let k_pe = self
-            .rope
-            .apply(&k_pe, start)?
-            .reshape((seq, self.rope_dim))?;
-        let (c_kv, k_pe) = cache.append(&c_kv, &k_pe)?; // (t, kv_lora_rank), (t, rope)
+        let mut outputs = Vec::with_capacity(segments.len());
+        let mut offset = 0;
+        for (seq, segment) in segments.iter().enumerate() {
+            let n = segment.tokens.len();
+            let start = segment.start;
+            // (n, heads * qk) -> (heads, n, qk)
+            let q = q
+                .narrow(0, offset, n)?
+                .reshape((n, h, self.nope_dim + self.rope_dim))?
+                .transpose(0, 1)?;
+            let q_nope = q.narrow(2, 0, self.nope_dim)?.contiguous()?;
+            let q_pe = self
+                .rope
+                .apply(
+                    &q.narrow(2, self.nope_dim, self.rope_dim)?.unsqueeze(0)?,
+                    start,
+                )?
+                .squeeze(0)?; // (heads, n, rope)
+            let k_pe = kv
+                .narrow(0, offset, n)?
+                .narrow(1, self.kv_lora_rank, self.rope_dim)?
+                .reshape((1, 1, n, self.rope_dim))?;
+            let k_pe = self.rope.apply(&k_pe, start)?.reshape((n, self.rope_dim))?;
+            // (t, kv_lora_rank), (t, rope) for all t = start + n positions of this sequence
+            let (c_kv, k_pe) =
+                store.store(seq, layer, start, &c_kv.narrow(0, offset, n)?, &k_pe)?;
+            let out = self.attend(&q_nope, &q_pe, &c_kv, &k_pe, start, path)?; // (heads, n, v)
+            outputs.push(out.transpose(0, 1)?.reshape((n, h * self.v_dim))?);
+            offset += n;
+        }
+        self.out.forward(&Tensor::cat(&outputs, 0)?)
+    }
+
+    /// Attention of one sequence's queries (heads, n, ·) at positions `start ..` over its cached
+    /// latent (t, kv_lora_rank) and RoPE keys (t, rope) -> (heads, n, v_head_dim).
+    fn attend(
+        &self,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        c_kv: &Tensor,
+        k_pe: &Tensor,
+        start: usize,
+        path: MlaPath,
+    ) -> Result<Tensor> {
+        let (h, n) = (self.heads, q_nope.dim(1)?);
         let t = c_kv.dim(0)?;
-        let mask = if seq > 1 {
-            Some(causal_mask(start, seq, x.device())?)
+        let mask = if n > 1 {
+            Some(causal_mask(start, n, c_kv.device())?)
         } else {
             None
         };
-
-        let out = match path {
+        Ok(match path {
             MlaPath::Absorbed => {
-                let q_latent = q_nope.matmul(&self.key_up)?; // (heads, seq, kv_lora_rank)
+                let q_latent = q_nope.matmul(&self.key_up)?; // (heads, n, kv_lora_rank)
                 let scores = q_latent
-                    .reshape((h * seq, self.kv_lora_rank))?
+                    .reshape((h * n, self.kv_lora_rank))?
                     .matmul(&c_kv.t()?)?
-                    .add(&q_pe.reshape((h * seq, self.rope_dim))?.matmul(&k_pe.t()?)?)?
-                    .reshape((h, seq, t))?;
+                    .add(&q_pe.reshape((h * n, self.rope_dim))?.matmul(&k_pe.t()?)?)?
+                    .reshape((h, n, t))?;
                 let probs = masked_softmax(&scores, self.softmax_scale, mask.as_ref())?;
                 probs
-                    .reshape((h * seq, t))?
-                    .matmul(&c_kv)?
-                    .reshape((h, seq, self.kv_lora_rank))?
-                    .matmul(&self.value_up_t)? // (heads, seq, v)
+                    .reshape((h * n, t))?
+                    .matmul(c_kv)?
+                    .reshape((h, n, self.kv_lora_rank))?
+                    .matmul(&self.value_up_t)?
             }
             MlaPath::Naive => {
                 // (t, heads * (nope + v)) -> (heads, t, nope + v)
                 let kv = self
                     .kv_up
-                    .forward(&c_kv)?
+                    .forward(c_kv)?
                     .reshape((t, h, self.nope_dim + self.v_dim))?
                     .transpose(0, 1)?;
                 let k_nope = kv.narrow(2, 0, self.nope_dim)?;
                 let v = kv.narrow(2, self.nope_dim, self.v_dim)?.contiguous()?;
                 let k_pe = k_pe.unsqueeze(0)?.broadcast_as((h, t, self.rope_dim))?;
                 let k = Tensor::cat(&[&k_nope, &k_pe], 2)?; // (heads, t, qk)
-                let q = Tensor::cat(&[&q_nope, &q_pe], 2)?; // (heads, seq, qk)
-                let scores = q.matmul(&k.transpose(1, 2)?.contiguous()?)?; // (heads, seq, t)
+                let q = Tensor::cat(&[q_nope, q_pe], 2)?; // (heads, n, qk)
+                let scores = q.matmul(&k.transpose(1, 2)?.contiguous()?)?; // (heads, n, t)
                 masked_softmax(&scores, self.softmax_scale, mask.as_ref())?.matmul(&v)?
             }
-        };
-        // (heads, seq, v) -> (seq, heads * v)
-        let out = out.transpose(0, 1)?.reshape((seq, h * self.v_dim))?;
-        self.out.forward(&out)
+        })
     }
 }
 

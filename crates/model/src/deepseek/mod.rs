@@ -9,7 +9,8 @@ pub mod moe;
 
 use candle_core::Tensor;
 
-use crate::cache::{Cache, LayerCache};
+use crate::Segment;
+use crate::cache::{Cache, KvStore};
 use crate::config::{DeepSeekConfig, FfnKind};
 use crate::error::Result;
 use crate::nn::{Linear, Mlp, RmsNorm};
@@ -56,17 +57,19 @@ impl Block {
         })
     }
 
-    /// (seq, hidden) -> (seq, hidden)
+    /// (tokens, hidden) -> (tokens, hidden) for the concatenated tokens of `segments`.
     fn forward(
         &self,
         x: &Tensor,
-        start: usize,
-        cache: &mut LayerCache,
+        segments: &[Segment],
+        layer: usize,
+        store: &mut dyn KvStore,
         path: MlaPath,
     ) -> Result<Tensor> {
-        let x = (x + self
+        let attn = self
             .attn
-            .forward(&self.attn_norm.forward(x)?, start, cache, path)?)?;
+            .forward(&self.attn_norm.forward(x)?, segments, layer, store, path)?;
+        let x = (x + attn)?;
         let h = self.ffn_norm.forward(&x)?;
         let ffn = match &self.ffn {
             FeedForward::Dense(mlp) => mlp.forward(&h)?,
@@ -165,21 +168,30 @@ impl DeepSeek {
 
     /// An empty latent cache for up to `context` tokens.
     pub fn new_cache(&self, context: usize) -> Cache {
-        Cache::new(
-            (0..self.blocks.len()).map(|_| LayerCache::new(0)).collect(),
-            context,
-        )
+        Cache::new(self.blocks.len(), context)
     }
 
-    /// Final hidden states (seq, hidden), after the last norm, for tokens following the cache.
-    pub fn forward_hidden(&self, tokens: &Tensor, cache: &mut Cache) -> Result<Tensor> {
-        let start = cache.len();
-        let seq = tokens.dim(0)?;
+    /// Widths of the two cached rows per token and layer: latent and RoPE key.
+    pub fn cache_row_widths(&self) -> (usize, usize) {
+        (self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim)
+    }
+
+    /// Number of layers with a cache.
+    pub fn cache_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Final hidden states (tokens, hidden), after the last norm, for the concatenated segments.
+    pub fn forward_hidden(
+        &self,
+        tokens: &Tensor,
+        segments: &[Segment],
+        store: &mut dyn KvStore,
+    ) -> Result<Tensor> {
         let mut x = self.embed.index_select(tokens, 0)?;
-        for (block, layer_cache) in self.blocks.iter().zip(cache.layers_mut()) {
-            x = block.forward(&x, start, layer_cache, self.path)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, segments, layer, store, self.path)?;
         }
-        cache.advance(seq);
         self.norm.forward(&x)
     }
 
