@@ -1,7 +1,7 @@
 //! Golden tests: every fixture checkpoint against the logits and greedy tokens transformers computed
 //! (tests/fixtures/make_models.py), plus the equivalences the fast paths rely on.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
@@ -13,20 +13,34 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-const VARIANTS: &[&str] = &[
-    "deepseek-v2-lite",
-    "deepseek-v2",
-    "deepseek-v3",
-    "deepseek-v3-fp8",
-    "qwen2",
-    "llama3",
-];
-const DEEPSEEK: &[&str] = &[
-    "deepseek-v2-lite",
-    "deepseek-v2",
-    "deepseek-v3",
-    "deepseek-v3-fp8",
-];
+/// The committed fixtures, plus every checkpoint folder (with a golden.json) under the folders
+/// listed in `TIEFSEE_EXTRA_FIXTURES` (colon-separated), made by the same script elsewhere.
+fn variants() -> Vec<PathBuf> {
+    let mut roots = vec![fixture("")];
+    if let Ok(extra) = std::env::var("TIEFSEE_EXTRA_FIXTURES") {
+        roots.extend(
+            extra
+                .split(':')
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+        );
+    }
+    let mut dirs: Vec<PathBuf> = roots
+        .iter()
+        .flat_map(|root| std::fs::read_dir(root).expect("fixture folder"))
+        .map(|entry| entry.expect("fixture entry").path())
+        .filter(|dir| dir.join("golden.json").is_file())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 6, "fixtures missing: {dirs:?}");
+    dirs
+}
+
+fn is_deepseek(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .expect("config.json")
+        .contains("\"Deepseek")
+}
 
 #[derive(Deserialize)]
 struct Golden {
@@ -34,8 +48,7 @@ struct Golden {
     greedy_new_ids: Vec<u32>,
 }
 
-fn golden(name: &str) -> (Golden, Tensor) {
-    let dir = fixture(name);
+fn golden(dir: &Path) -> (Golden, Tensor) {
     let json = std::fs::read_to_string(dir.join("golden.json")).expect("golden.json");
     let golden: Golden = serde_json::from_str(&json).expect("golden.json fields");
     let tensors = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu)
@@ -43,8 +56,8 @@ fn golden(name: &str) -> (Golden, Tensor) {
     (golden, tensors["logits"].clone())
 }
 
-fn load(name: &str) -> Model {
-    Model::load(&fixture(name), &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"))
+fn load(dir: &Path) -> Model {
+    Model::load(dir, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
 /// Largest absolute difference divided by the spread (max - min) of the reference.
@@ -68,13 +81,14 @@ fn full_logits(model: &Model, ids: &[u32]) -> Result<Tensor> {
 
 #[test]
 fn logits_match_transformers() -> Result<()> {
-    for name in VARIANTS {
-        let (golden, expected) = golden(name);
-        let logits = full_logits(&load(name), &golden.prompt_ids)?;
+    for dir in variants() {
+        let (golden, expected) = golden(&dir);
+        let logits = full_logits(&load(&dir), &golden.prompt_ids)?;
         let err = relative_error(&logits, &expected);
         assert!(
             err < 1e-4,
-            "{name}: logits differ by {err:e} of their spread"
+            "{}: logits differ by {err:e} of their spread",
+            dir.display()
         );
     }
     Ok(())
@@ -82,9 +96,9 @@ fn logits_match_transformers() -> Result<()> {
 
 #[test]
 fn greedy_continuations_match_transformers() -> Result<()> {
-    for name in VARIANTS {
-        let (golden, _) = golden(name);
-        let model = load(name);
+    for dir in variants() {
+        let (golden, _) = golden(&dir);
+        let model = load(&dir);
         let mut cache = model.new_cache(None);
         let mut logits = model.forward(&golden.prompt_ids, &mut cache, Logits::Last)?;
         let mut generated = Vec::new();
@@ -93,16 +107,16 @@ fn greedy_continuations_match_transformers() -> Result<()> {
             generated.push(token);
             logits = model.forward(&[token], &mut cache, Logits::Last)?;
         }
-        assert_eq!(generated, golden.greedy_new_ids, "{name}");
+        assert_eq!(generated, golden.greedy_new_ids, "{}", dir.display());
     }
     Ok(())
 }
 
 #[test]
 fn cached_decoding_equals_one_full_pass() -> Result<()> {
-    for name in VARIANTS {
-        let (golden, _) = golden(name);
-        let model = load(name);
+    for dir in variants() {
+        let (golden, _) = golden(&dir);
+        let model = load(&dir);
         let ids = &golden.prompt_ids;
         let full = full_logits(&model, ids)?;
         // Prefill a few tokens, then feed the rest one by one.
@@ -113,16 +127,20 @@ fn cached_decoding_equals_one_full_pass() -> Result<()> {
         }
         let stepped = Tensor::cat(&rows, 0)?;
         let err = relative_error(&stepped, &full);
-        assert!(err < 1e-5, "{name}: cached differs from full by {err:e}");
+        assert!(
+            err < 1e-5,
+            "{}: cached differs from full by {err:e}",
+            dir.display()
+        );
     }
     Ok(())
 }
 
 #[test]
 fn absorbed_mla_equals_naive_mla() -> Result<()> {
-    for name in DEEPSEEK {
-        let (golden, _) = golden(name);
-        let mut model = load(name);
+    for dir in variants().into_iter().filter(|d| is_deepseek(d)) {
+        let (golden, _) = golden(&dir);
+        let mut model = load(&dir);
         let ids = &golden.prompt_ids;
         let absorbed = full_logits(&model, ids)?;
         let mut cache = model.new_cache(None);
@@ -139,11 +157,16 @@ fn absorbed_mla_equals_naive_mla() -> Result<()> {
         model.forward(&ids[..ids.len() - 1], &mut cache, Logits::Last)?;
         let naive_step = model.forward(&ids[ids.len() - 1..], &mut cache, Logits::Last)?;
         let err = relative_error(&absorbed, &naive);
-        assert!(err < 1e-5, "{name}: absorbed differs from naive by {err:e}");
+        assert!(
+            err < 1e-5,
+            "{}: absorbed differs from naive by {err:e}",
+            dir.display()
+        );
         let err = relative_error(&absorbed_step, &naive_step);
         assert!(
             err < 1e-5,
-            "{name}: cached absorbed differs from naive by {err:e}"
+            "{}: cached absorbed differs from naive by {err:e}",
+            dir.display()
         );
     }
     Ok(())
@@ -151,7 +174,7 @@ fn absorbed_mla_equals_naive_mla() -> Result<()> {
 
 #[test]
 fn latent_cache_holds_only_the_latent() -> Result<()> {
-    let model = load("deepseek-v3");
+    let model = load(&fixture("deepseek-v3"));
     let tiefsee_model::ModelConfig::DeepSeek(cfg) = model.config() else {
         panic!("deepseek-v3 is a DeepSeek config");
     };
