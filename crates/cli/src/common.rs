@@ -10,9 +10,7 @@ use candle_core::Device;
 use clap::Args;
 use tiefsee_engine::{GenerateOptions, GenerationStats, Sampler, SamplingParams, Session};
 use tiefsee_model::Model;
-use tiefsee_tokenizer::Tokenizer;
-
-use crate::stop::StopStrings;
+use tiefsee_tokenizer::{StopStrings, Tokenizer};
 
 /// A checkpoint ready to generate: weights plus tokenizer.
 pub struct Loaded {

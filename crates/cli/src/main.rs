@@ -8,7 +8,6 @@ mod common;
 mod info;
 mod perplexity;
 mod run;
-mod stop;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -5,6 +5,8 @@
 //! - [`StreamDecoder`]: decoding one generated id at a time without ever emitting half a character.
 //! - [`ChatTemplate`]: the model's own Jinja chat template, rendered byte-identical to transformers'
 //!   `apply_chat_template` (minijinja plus the Python-isms transformers' Jinja2 environment has).
+//! - [`ReasoningParser`] and [`StopStrings`]: text-level handling of generated output (`<think>` split
+//!   into reasoning and answer; user stop strings).
 //!
 //! Golden tests compare against transformers on small tokenizers of each family; the script that made
 //! them is `tests/fixtures/make_templates.py`.
@@ -29,10 +31,14 @@ mod chat_template;
 mod config;
 mod error;
 mod pyfmt;
+mod reasoning;
+mod stop;
 mod stream;
 mod tokenizer;
 
 pub use chat_template::{ChatTemplate, Message, RenderOptions};
 pub use error::{Error, Result};
+pub use reasoning::{ReasoningDelta, ReasoningParser};
+pub use stop::StopStrings;
 pub use stream::StreamDecoder;
 pub use tokenizer::Tokenizer;
