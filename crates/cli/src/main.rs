@@ -8,6 +8,7 @@ mod common;
 mod info;
 mod perplexity;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +33,8 @@ enum Command {
     Perplexity(perplexity::PerplexityArgs),
     /// Architecture, parameter counts, dtype and KV-cache cost of a checkpoint.
     Info(info::InfoArgs),
+    /// OpenAI- and DeepSeek-compatible HTTP API with continuous batching.
+    Serve(serve::ServeArgs),
 }
 
 /// The checkpoint used when `--model` is not given.
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => chat::chat(args),
         Command::Perplexity(args) => perplexity::perplexity(args),
         Command::Info(args) => info::info(args),
+        Command::Serve(args) => serve::serve(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

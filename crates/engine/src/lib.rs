@@ -2,9 +2,12 @@
 //! perplexity scoring. It schedules token ids and never sees text.
 
 pub mod generate;
+pub mod paged;
 pub mod perplexity;
 pub mod sampler;
+pub mod scheduler;
 
 pub use generate::{GenerateOptions, GenerationStats, Session, StopReason};
+pub use paged::PagedExecutor;
 pub use perplexity::{Perplexity, perplexity};
 pub use sampler::{Sampler, SamplingParams};

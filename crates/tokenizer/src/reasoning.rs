@@ -54,6 +54,11 @@ impl ReasoningParser {
             .is_some_and(|open| !prompt[open..].contains(CLOSE))
     }
 
+    /// Whether the text so far ends inside the reasoning block.
+    pub fn in_reasoning(&self) -> bool {
+        self.phase == Phase::Reasoning
+    }
+
     /// Feeds the next piece of generated text.
     pub fn push(&mut self, piece: &str) -> ReasoningDelta {
         self.pending.push_str(piece);

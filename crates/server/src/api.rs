@@ -1,0 +1,267 @@
+//! Request and response bodies of the OpenAI API in DeepSeek's dialect (`reasoning_content`, cache-hit
+//! usage), and the checks that turn a request into generation parameters.
+
+use serde::{Deserialize, Serialize};
+use tiefsee_engine::SamplingParams;
+use tiefsee_tokenizer::Message;
+
+use crate::error::ApiError;
+
+/// `stop`: one string or several.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Message content: a string, or OpenAI's list of typed parts (text parts only).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+/// One part of a list-form message content.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+/// One message of a chat request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: Option<Content>,
+    pub reasoning_content: Option<String>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// The sampling and length fields chat and completion requests share.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CommonParams {
+    pub model: Option<String>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub max_tokens: Option<u64>,
+    pub max_completion_tokens: Option<u64>,
+    pub stop: Option<StopField>,
+    pub seed: Option<u64>,
+    pub n: Option<u64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<u64>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    pub params: CommonParams,
+}
+
+/// `POST /v1/completions`: `prompt` as text, or as token ids.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: PromptField,
+    #[serde(flatten)]
+    pub params: CommonParams,
+}
+
+/// A completion prompt: text or token ids.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// Generation settings checked and ready for the engine.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub sampling: SamplingParams,
+    pub max_tokens: Option<usize>,
+    pub stops: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+impl CommonParams {
+    /// Checks every field, naming the one at fault.
+    pub fn validate(&self, context: usize) -> Result<Generation, ApiError> {
+        let range = |name: &str, value: Option<f32>, lo: f32, hi: f32| match value {
+            Some(v) if !(lo..=hi).contains(&v) || v.is_nan() => Err(ApiError::field(
+                name,
+                format!("{name} must be between {lo} and {hi}, got {v}"),
+            )),
+            _ => Ok(()),
+        };
+        range("temperature", self.temperature, 0.0, 2.0)?;
+        range("top_p", self.top_p, 0.0, 1.0)?;
+        range("min_p", self.min_p, 0.0, 1.0)?;
+        range("repetition_penalty", self.repetition_penalty, 0.01, 10.0)?;
+        if self.top_p == Some(0.0) {
+            return Err(ApiError::field("top_p", "top_p must be greater than 0"));
+        }
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(ApiError::field(
+                "n",
+                format!("n = {n}: only one choice per request is supported"),
+            ));
+        }
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            range(name, value, -2.0, 2.0)?;
+            if value.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::field(
+                    name,
+                    format!("{name} other than 0 is not supported yet"),
+                ));
+            }
+        }
+        if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
+            return Err(ApiError::field(
+                "logprobs",
+                "logprobs are not supported yet",
+            ));
+        }
+        let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => Some(("max_completion_tokens", m)),
+            (None, Some(m)) => Some(("max_tokens", m)),
+            (None, None) => None,
+        };
+        if let Some((name, m)) = max_tokens
+            && (m == 0 || m > context as u64)
+        {
+            return Err(ApiError::field(
+                name,
+                format!("{name} = {m} must be between 1 and the context of {context} tokens"),
+            ));
+        }
+        let stops = match &self.stop {
+            None => Vec::new(),
+            Some(StopField::One(s)) => vec![s.clone()],
+            Some(StopField::Many(v)) if v.len() > 16 => {
+                return Err(ApiError::field("stop", "at most 16 stop strings"));
+            }
+            Some(StopField::Many(v)) => v.clone(),
+        };
+        Ok(Generation {
+            sampling: SamplingParams {
+                temperature: self.temperature.unwrap_or(1.0),
+                top_k: self.top_k.unwrap_or(0),
+                top_p: self.top_p.unwrap_or(1.0),
+                min_p: self.min_p.unwrap_or(0.0),
+                repeat_penalty: self.repetition_penalty.unwrap_or(1.0),
+                repeat_last_n: 64,
+                seed: self.seed.unwrap_or_else(random_seed),
+            },
+            max_tokens: max_tokens.map(|(_, m)| m as usize),
+            stops,
+            stream: self.stream,
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+        })
+    }
+}
+
+fn random_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Converts chat messages for the template, rejecting unknown roles and non-text parts by field.
+pub fn template_messages(messages: &[ChatMessage]) -> Result<Vec<Message>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::field("messages", "messages must not be empty"));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "user" | "assistant" | "tool" | "developer"
+            ) {
+                return Err(ApiError::field(
+                    &format!("messages[{i}].role"),
+                    format!(
+                        "unknown role {:?}: expected system, user, assistant or tool",
+                        m.role
+                    ),
+                ));
+            }
+            let content = match &m.content {
+                None => None,
+                Some(Content::Text(t)) => Some(t.clone()),
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, part) in parts.iter().enumerate() {
+                        match (part.kind.as_str(), &part.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            _ => {
+                                return Err(ApiError::field(
+                                    &format!("messages[{i}].content[{j}]"),
+                                    format!(
+                                        "content parts of type {:?} are not supported: only text",
+                                        part.kind
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                    Some(text)
+                }
+            };
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                m.role.as_str()
+            };
+            let mut message = Message::new(role, content.unwrap_or_default());
+            message.reasoning_content = m.reasoning_content.clone();
+            Ok(message)
+        })
+        .collect()
+}
+
+/// `usage`, with DeepSeek's cache-hit fields.
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageBody {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+    pub prompt_cache_hit_tokens: usize,
+    pub prompt_cache_miss_tokens: usize,
+    pub completion_tokens_details: CompletionDetails,
+}
+
+/// `usage.completion_tokens_details`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionDetails {
+    pub reasoning_tokens: usize,
+}
