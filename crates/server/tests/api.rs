@@ -320,3 +320,66 @@ async fn a_client_leaving_mid_stream_frees_its_blocks() {
     let (status, _) = post(&state, "/v1/chat/completions", &ok.to_string(), None).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// The deepseek-v3 fixture with DeepSeek-R1's chat template, which opens `<think>` in the prompt.
+fn r1_state() -> (tempfile::TempDir, AppState) {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("deepseek-v3")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config_path = dir.path().join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let r1 = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/templates/deepseek-r1.jinja");
+    config["chat_template"] = json!(std::fs::read_to_string(r1).unwrap());
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let model = Model::load(dir.path(), &candle_core::Device::Cpu).unwrap();
+    let tokenizer = Tokenizer::from_dir(dir.path()).unwrap();
+    let scheduler = SchedulerConfig {
+        num_blocks: 64,
+        block_size: 4,
+        context: 128,
+        max_step_tokens: 64,
+        max_running: 4,
+        max_waiting: 8,
+    };
+    let state = AppState::start(model, tokenizer, "r1".into(), None, scheduler).unwrap();
+    (dir, state)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r1_template_output_is_reasoning_until_think_closes() {
+    let (_dir, state) = r1_state();
+    let body = json!({"messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 8, "temperature": 0});
+    let (status, bytes) = post(&state, "/v1/chat/completions", &body.to_string(), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let reply = json_of(&bytes);
+    let message = &reply["choices"][0]["message"];
+    // The random model never writes </think>: everything it says is reasoning.
+    assert_eq!(message["content"], "");
+    assert!(
+        !message["reasoning_content"].as_str().unwrap().is_empty(),
+        "{reply}"
+    );
+    assert_eq!(
+        reply["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        8
+    );
+
+    let stream = json!({"messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 8, "temperature": 0, "stream": true});
+    let (_, bytes) = post(&state, "/v1/chat/completions", &stream.to_string(), None).await;
+    let text = String::from_utf8(bytes).unwrap();
+    let reasoning: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| {
+            json_of(e.as_bytes())["choices"][0]["delta"]["reasoning_content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(reasoning, message["reasoning_content"].as_str().unwrap());
+}
