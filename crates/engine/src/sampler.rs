@@ -1,7 +1,11 @@
 //! Turning logits into the next token: repetition penalty, temperature, top-k, top-p, min-p.
 //!
-//! The order follows transformers' logits processors (penalty, then temperature, then the
+//! The order follows transformers' logits processors (penalties, then temperature, then the
 //! truncations); temperature 0 is greedy decoding, the first maximum winning ties as `argmax` does.
+//! Presence and frequency penalties follow OpenAI's definition over the tokens this sampler has
+//! produced: `logit -= frequency * count + presence * (count > 0)`.
+
+use std::collections::HashMap;
 
 use rand::SeedableRng;
 use rand::distr::{Distribution, weighted::WeightedIndex};
@@ -22,6 +26,10 @@ pub struct SamplingParams {
     pub repeat_penalty: f32,
     /// How many of the most recent tokens the penalty looks at.
     pub repeat_last_n: usize,
+    /// Subtracted once from the logit of every token generated so far (OpenAI, -2..2).
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence from the logit of every token generated so far (OpenAI, -2..2).
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -34,6 +42,8 @@ impl Default for SamplingParams {
             min_p: 0.0,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -44,27 +54,49 @@ impl Default for SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// How often this sampler produced each token, for presence and frequency penalties.
+    produced: HashMap<u32, u32>,
 }
 
 impl Sampler {
     /// A sampler with its own random stream seeded from `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
         let rng = StdRng::seed_from_u64(params.seed);
-        Self { params, rng }
+        Self {
+            params,
+            rng,
+            produced: HashMap::new(),
+        }
     }
 
     /// Picks the next token from one position's logits, given the tokens so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let mut logits = logits.to_vec();
         self.apply_repeat_penalty(&mut logits, history);
-        if self.params.temperature <= 0.0 {
-            return argmax(&logits);
+        self.apply_openai_penalties(&mut logits);
+        let token = if self.params.temperature <= 0.0 {
+            argmax(&logits)
+        } else {
+            let probs = self.truncated_probs(&logits);
+            match WeightedIndex::new(probs.iter().map(|&(_, p)| p)) {
+                Ok(dist) => probs[dist.sample(&mut self.rng)].0,
+                // All weights zero or non-finite (NaN logits): fall back to the most likely token.
+                Err(_) => argmax(&logits),
+            }
+        };
+        *self.produced.entry(token).or_default() += 1;
+        token
+    }
+
+    fn apply_openai_penalties(&self, logits: &mut [f32]) {
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if presence == 0.0 && frequency == 0.0 {
+            return;
         }
-        let probs = self.truncated_probs(&logits);
-        match WeightedIndex::new(probs.iter().map(|&(_, p)| p)) {
-            Ok(dist) => probs[dist.sample(&mut self.rng)].0,
-            // All weights zero or non-finite (NaN logits): fall back to the most likely token.
-            Err(_) => argmax(&logits),
+        for (&token, &count) in &self.produced {
+            if let Some(l) = logits.get_mut(token as usize) {
+                *l -= frequency * count as f32 + presence;
+            }
         }
     }
 
@@ -142,8 +174,25 @@ mod tests {
             min_p: 0.0,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 7,
         }
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_produced_tokens() {
+        // Greedy over logits 3, 2, 0.5 with a token's logit lowered by 1 + 0.6 * count:
+        // 0 wins (3); then 0 is at 1.4 < 2, so 1 wins; then 1 is at 0.4 and 0 at 1.4: 0 wins;
+        // then 0 is at 3 - 2.2 = 0.8, still first; then 0 is at 0.2 < 0.4 < 0.5: 2 wins.
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 1.0,
+            frequency_penalty: 0.6,
+            ..params(0.0)
+        });
+        let logits = [3.0, 2.0, 0.5];
+        let drawn: Vec<u32> = (0..5).map(|_| s.sample(&logits, &[])).collect();
+        assert_eq!(drawn, vec![0, 1, 0, 0, 2]);
     }
 
     #[test]

@@ -139,12 +139,6 @@ impl GgufFile {
         // as with every mmap-based loader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io_err)?;
         let header = parse(&path, &mmap)?;
-        let by_name = header
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
         Ok(Self {
             path,
             mmap,
@@ -153,7 +147,7 @@ impl GgufFile {
             data_offset: header.data_offset,
             metadata: header.metadata,
             tensors: header.tensors,
-            by_name,
+            by_name: header.by_name,
         })
     }
 
@@ -224,6 +218,7 @@ struct Header {
     data_offset: usize,
     metadata: Metadata,
     tensors: Vec<TensorInfo>,
+    by_name: HashMap<String, usize>,
 }
 
 /// A tensor info as read, before its type and placement are checked.
@@ -306,6 +301,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Header> {
         data_offset,
         metadata,
         tensors,
+        by_name,
     })
 }
 

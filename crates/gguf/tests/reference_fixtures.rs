@@ -1,5 +1,6 @@
-//! The reader, the codecs and the writer against the `gguf` Python package (0.19.0), through the files
-//! `tests/fixtures/make_gguf.py` wrote: everything must match bit for bit.
+//! The reader, the codecs and the writer against the `gguf` Python package (0.19.0) and llama.cpp's
+//! reference quantizers, through the files `tests/fixtures/make_gguf.py` wrote: everything must match
+//! bit for bit.
 
 mod common;
 
@@ -223,6 +224,37 @@ fn quantization_matches_python_byte_for_byte() {
         assert_eq!(
             exact(&dequantize(ty, &ours, input.len()).unwrap()),
             exact(&python.dequantize().unwrap())
+        );
+    }
+}
+
+#[test]
+fn k_quantization_matches_llama_cpp_byte_for_byte() {
+    let file = GgufFile::open(fixture("kquants_llamacpp.gguf")).unwrap();
+    let input = file.tensor("input").unwrap().dequantize().unwrap();
+    assert_eq!(input.len(), 64 * 256);
+    for ty in [
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_K,
+    ] {
+        let reference = file.tensor(&ty.name().to_lowercase()).unwrap();
+        assert_eq!(reference.info.ggml_type(), ty);
+        let ours = quantize(ty, &input).unwrap();
+        let block = ty.type_size();
+        let differing: Vec<usize> = ours
+            .chunks(block)
+            .zip(reference.data.chunks(block))
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, _)| i)
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "{ty}: blocks {differing:?} differ from llama.cpp's"
         );
     }
 }

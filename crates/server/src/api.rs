@@ -128,18 +128,8 @@ impl CommonParams {
                 format!("n = {n}: only one choice per request is supported"),
             ));
         }
-        for (name, value) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            range(name, value, -2.0, 2.0)?;
-            if value.is_some_and(|v| v != 0.0) {
-                return Err(ApiError::field(
-                    name,
-                    format!("{name} other than 0 is not supported yet"),
-                ));
-            }
-        }
+        range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
+        range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
         if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
             return Err(ApiError::field(
                 "logprobs",
@@ -175,6 +165,8 @@ impl CommonParams {
                 min_p: self.min_p.unwrap_or(0.0),
                 repeat_penalty: self.repetition_penalty.unwrap_or(1.0),
                 repeat_last_n: 64,
+                presence_penalty: self.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
                 seed: self.seed.unwrap_or_else(random_seed),
             },
             max_tokens: max_tokens.map(|(_, m)| m as usize),

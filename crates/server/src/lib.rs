@@ -7,6 +7,7 @@ pub mod api;
 pub mod error;
 pub mod generation;
 pub mod metrics;
+pub mod page;
 pub mod routes;
 pub mod worker;
 
@@ -80,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(api)
+        .route("/", get(page::index))
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -125,8 +125,13 @@ impl DeepSeek {
         };
         // Checkpoints saved by transformers keep `num_nextn_predict_layers` but drop the MTP
         // tensors; the main model is complete without them, so their absence is not an error.
-        let mtp_stored = model.contains(&format!("layers.{}.eh_proj.weight", cfg.num_hidden_layers));
-        let mtp_layers = if mtp_stored { cfg.num_nextn_predict_layers } else { 0 };
+        let mtp_stored =
+            model.contains(&format!("layers.{}.eh_proj.weight", cfg.num_hidden_layers));
+        let mtp_layers = if mtp_stored {
+            cfg.num_nextn_predict_layers
+        } else {
+            0
+        };
         let mtp = (0..mtp_layers)
             .map(|k| {
                 let l = model.pp(format!("layers.{}", cfg.num_hidden_layers + k));
