@@ -14,6 +14,7 @@ pub struct ServeArgs {
     model: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Port to listen on (0 picks a free one; the address is printed).
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// Require `Authorization: Bearer KEY` on /v1 routes.
@@ -77,8 +78,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&address)
             .await
             .with_context(|| format!("cannot listen on {address}"))?;
+        let bound = listener.local_addr()?;
         eprintln!(
-            "tiefsee serving {} on http://{address} ({num_blocks} KV blocks of {BLOCK_SIZE} tokens, {kv_per_token} bytes/token, context {context})",
+            "tiefsee serving {} on http://{bound} ({num_blocks} KV blocks of {BLOCK_SIZE} tokens, {kv_per_token} bytes/token, context {context})",
             state.model_name
         );
         tiefsee_server::serve(listener, state).await?;
