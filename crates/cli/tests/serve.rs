@@ -57,7 +57,7 @@ fn request(address: &str, body: &str) -> TcpStream {
 #[test]
 fn sigterm_finishes_running_streams_then_exits() {
     let (mut child, address) = start();
-    let body = r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 480, "temperature": 0, "stream": true}"#;
+    let body = r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "temperature": 0, "stream": true}"#;
     let mut stream = request(&address, body);
     // Wait for the first bytes of the answer, then ask the server to stop.
     let mut first = [0u8; 64];
