@@ -85,6 +85,7 @@ fn logits_match_transformers() -> Result<()> {
         let (golden, expected) = golden(&dir);
         let logits = full_logits(&load(&dir), &golden.prompt_ids)?;
         let err = relative_error(&logits, &expected);
+        eprintln!("{}: logits within {err:.1e} of their spread", dir.display());
         assert!(
             err < 1e-4,
             "{}: logits differ by {err:e} of their spread",
