@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end test of the chat page: builds `tiefsee` (release) if needed, serves two fixture models on
 # free loopback ports (deepseek-v3 as is, and a copy with the R1 chat template, whose every token is
-# reasoning), waits for /health, runs chat.test.mjs in headless Chromium and always stops the servers.
+# reasoning, and behind an API key), waits for /health, runs chat.test.mjs in headless Chromium and always stops the servers.
 # Run tests/e2e/install.sh once first. TIEFSEE_BIN overrides the binary.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -37,15 +37,17 @@ free_port() {
     node -e 'const s = require("net").createServer(); s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });'
 }
 
-# serve NAME MODEL_DIR: starts a server and prints its URL once /health answers.
+# serve NAME MODEL_DIR [ARGS...]: starts a server and sets `url` once its /health answers. (Not run in a
+# $(...) subshell, so that the server's pid reaches `pids` and the cleanup.)
 serve() {
     local name="$1" model="$2" port
+    shift 2
     port="$(free_port)"
-    "$bin" serve --model "$model" --host 127.0.0.1 --port "$port" >"$work/$name.log" 2>&1 &
+    "$bin" serve --model "$model" --host 127.0.0.1 --port "$port" "$@" >"$work/$name.log" 2>&1 &
     pids+=("$!")
     for _ in $(seq 1 300); do
         if curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1; then
-            echo "http://127.0.0.1:$port"
+            url="http://127.0.0.1:$port"
             return
         fi
         kill -0 "${pids[-1]}" 2>/dev/null || break
@@ -56,8 +58,11 @@ serve() {
     exit 1
 }
 
-TIEFSEE_URL="$(serve v3 tests/fixtures/models/deepseek-v3)"
-TIEFSEE_R1_URL="$(serve r1 "$work/deepseek-r1")"
-export TIEFSEE_URL TIEFSEE_R1_URL
+serve v3 tests/fixtures/models/deepseek-v3
+TIEFSEE_URL="$url"
+TIEFSEE_R1_KEY="e2e-key"
+serve r1 "$work/deepseek-r1" --api-key "$TIEFSEE_R1_KEY"
+TIEFSEE_R1_URL="$url"
+export TIEFSEE_URL TIEFSEE_R1_URL TIEFSEE_R1_KEY
 mkdir -p "$here/out"
 node --test --test-reporter=spec "$here/chat.test.mjs"

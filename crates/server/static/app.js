@@ -212,6 +212,7 @@ function renderMessages() {
 
 function setRunning(isRunning) {
   document.body.dataset.state = isRunning ? "streaming" : "idle";
+  $("messages").setAttribute("aria-busy", String(isRunning));
   $("send").hidden = isRunning;
   $("stop").hidden = !isRunning;
   if (!isRunning) $("prompt").focus();
@@ -310,8 +311,12 @@ async function send(text) {
     if (settings.apiKey) headers.Authorization = `Bearer ${settings.apiKey}`;
     const response = await fetch("/v1/chat/completions", { method: "POST", headers, body: JSON.stringify(body), signal: controller.signal });
     if (!response.ok) throw new Error(await errorMessage(response));
+    let finished = false;
     for await (const data of sseData(response.body)) {
-      if (data === "[DONE]") break;
+      if (data === "[DONE]") {
+        finished = true;
+        break;
+      }
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message);
       const choice = chunk.choices?.[0];
@@ -320,6 +325,7 @@ async function send(text) {
       if (choice?.finish_reason === "length") message.note = "Stopped at the token limit.";
       frame ||= requestAnimationFrame(redraw);
     }
+    if (!finished) throw new Error("the connection closed before the answer finished");
   } catch (e) {
     if (controller.signal.aborted) {
       message.note = "Stopped.";
