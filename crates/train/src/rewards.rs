@@ -39,7 +39,35 @@ pub fn accuracy_reward(completion: &str, answer: &str) -> f32 {
 /// 1.0 when the completion is exactly `<think>A</think><answer>B</answer>`, with optional whitespace around
 /// and between the two blocks, A and B non-empty after trimming and holding no tag; else 0.0.
 pub fn format_reward(completion: &str) -> f32 {
-    if is_well_formatted(completion) { 1.0 } else { 0.0 }
+    if is_well_formatted(completion) {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// Both rule-based rewards of one completion, kept apart so each can be logged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rewards {
+    /// [`accuracy_reward`].
+    pub accuracy: f32,
+    /// [`format_reward`].
+    pub format: f32,
+}
+
+impl Rewards {
+    /// Scores `completion` against the reference `answer`.
+    pub fn score(completion: &str, answer: &str) -> Self {
+        Self {
+            accuracy: accuracy_reward(completion, answer),
+            format: format_reward(completion),
+        }
+    }
+
+    /// The scalar the advantage is computed from: accuracy plus `format_weight` times format.
+    pub fn total(&self, format_weight: f32) -> f32 {
+        self.accuracy + format_weight * self.format
+    }
 }
 
 fn is_well_formatted(completion: &str) -> bool {
@@ -55,7 +83,9 @@ fn is_well_formatted(completion: &str) -> bool {
     let Some(answer) = rest.strip_suffix(ANSWER_CLOSE) else {
         return false;
     };
-    [think, answer].iter().all(|part| !part.trim().is_empty() && !contains_tag(part))
+    [think, answer]
+        .iter()
+        .all(|part| !part.trim().is_empty() && !contains_tag(part))
 }
 
 fn contains_tag(text: &str) -> bool {
@@ -93,7 +123,11 @@ mod tests {
             ("préambule <answer>ü</answer> fin", "ü", 1.0),
         ];
         for (completion, answer, want) in cases {
-            assert_eq!(accuracy_reward(completion, answer), *want, "{completion:?} vs {answer:?}");
+            assert_eq!(
+                accuracy_reward(completion, answer),
+                *want,
+                "{completion:?} vs {answer:?}"
+            );
         }
     }
 
@@ -142,8 +176,23 @@ mod tests {
     fn rewards_are_independent() {
         // Right answer, bad format; and good format, wrong answer: each reward sees only its own concern.
         let sloppy = "I think <answer>12</answer>";
-        assert_eq!((accuracy_reward(sloppy, "12"), format_reward(sloppy)), (1.0, 0.0));
+        assert_eq!(
+            (accuracy_reward(sloppy, "12"), format_reward(sloppy)),
+            (1.0, 0.0)
+        );
         let tidy = "<think>7+5=13</think><answer>13</answer>";
-        assert_eq!((accuracy_reward(tidy, "12"), format_reward(tidy)), (0.0, 1.0));
+        assert_eq!(
+            (accuracy_reward(tidy, "12"), format_reward(tidy)),
+            (0.0, 1.0)
+        );
+        assert_eq!(
+            Rewards::score(tidy, "13"),
+            Rewards {
+                accuracy: 1.0,
+                format: 1.0
+            }
+        );
+        assert_eq!(Rewards::score(tidy, "13").total(0.5), 1.5);
+        assert_eq!(Rewards::score(sloppy, "12").total(0.5), 1.0);
     }
 }

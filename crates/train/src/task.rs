@@ -26,7 +26,9 @@ pub enum TaskError {
     #[error("invalid task config: {field} {reason}")]
     InvalidConfig { field: &'static str, reason: String },
     /// The sampler could not find a problem of the requested kind (the space is too small for the split).
-    #[error("no {what} found after {attempts} attempts; widen the digit range or change held_out_percent")]
+    #[error(
+        "no {what} found after {attempts} attempts; widen the digit range or change held_out_percent"
+    )]
     Exhausted { what: &'static str, attempts: usize },
 }
 
@@ -135,12 +137,19 @@ impl Problem {
             (self.a, self.b)
         };
         let h = mix64(SPLIT_SALT ^ mix64(lo ^ mix64(hi ^ mix64(self.op as u64))));
-        if h % 100 < u64::from(held_out_percent) { Split::HeldOut } else { Split::Train }
+        if h % 100 < u64::from(held_out_percent) {
+            Split::HeldOut
+        } else {
+            Split::Train
+        }
     }
 
     /// The correct step-by-step reasoning, digit by digit, ending in `= answer`.
     pub fn scratchpad(&self) -> Worked {
-        self.work(None).unwrap_or_else(|| Worked { think: String::new(), answer: self.answer() })
+        self.work(None).unwrap_or_else(|| Worked {
+            think: String::new(),
+            answer: self.answer(),
+        })
     }
 
     /// A scratchpad with one plausible slip and the wrong answer it leads to; `None` when this problem has
@@ -157,9 +166,25 @@ impl Problem {
     /// Columns (add, sub) or multiplier digits (mul) where a slip is possible.
     fn flaw_places(&self) -> Vec<usize> {
         match self.op {
-            Op::Add => add_columns(self.a, self.b, None).iter().enumerate().filter(|(_, c)| c.out == 1).map(|(i, _)| i).collect(),
-            Op::Sub => sub_columns(self.a, self.b, None).iter().enumerate().filter(|(_, c)| c.out == 1).map(|(i, _)| i).collect(),
-            Op::Mul => digits_lsb(self.b).iter().enumerate().skip(1).filter(|(_, d)| **d != 0).map(|(i, _)| i).collect(),
+            Op::Add => add_columns(self.a, self.b, None)
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.out == 1)
+                .map(|(i, _)| i)
+                .collect(),
+            Op::Sub => sub_columns(self.a, self.b, None)
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.out == 1)
+                .map(|(i, _)| i)
+                .collect(),
+            Op::Mul => digits_lsb(self.b)
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter(|(_, d)| **d != 0)
+                .map(|(i, _)| i)
+                .collect(),
         }
     }
 
@@ -171,7 +196,15 @@ impl Problem {
             Op::Add => {
                 let cols = add_columns(a, b, flaw);
                 for c in &cols {
-                    lines.push(format!("{}+{}+{}={} write {} carry {}", c.da, c.db, c.cin, c.da + c.db + c.cin, c.digit, c.out));
+                    lines.push(format!(
+                        "{}+{}+{}={} write {} carry {}",
+                        c.da,
+                        c.db,
+                        c.cin,
+                        c.da + c.db + c.cin,
+                        c.digit,
+                        c.out
+                    ));
                 }
                 let last = cols.last().map_or(0, |c| c.out);
                 if last > 0 {
@@ -184,9 +217,21 @@ impl Problem {
                 for c in &cols {
                     let r = c.da as i64 - c.db as i64 - c.cin as i64;
                     if r < 0 {
-                        lines.push(format!("{}-{}-{}={} +10={} write {} borrow {}", c.da, c.db, c.cin, r, r + 10, c.digit, c.out));
+                        lines.push(format!(
+                            "{}-{}-{}={} +10={} write {} borrow {}",
+                            c.da,
+                            c.db,
+                            c.cin,
+                            r,
+                            r + 10,
+                            c.digit,
+                            c.out
+                        ));
                     } else {
-                        lines.push(format!("{}-{}-{}={} write {} borrow {}", c.da, c.db, c.cin, r, c.digit, c.out));
+                        lines.push(format!(
+                            "{}-{}-{}={} write {} borrow {}",
+                            c.da, c.db, c.cin, r, c.digit, c.out
+                        ));
                     }
                 }
                 from_columns(&cols, 0)
@@ -196,7 +241,11 @@ impl Problem {
                 for (i, d) in digits_lsb(b).into_iter().enumerate() {
                     let shift = 10u64.pow(i as u32);
                     // The slip: the partial product is written without its trailing zeros.
-                    let p = if flaw == Some(i) { a * d } else { a * d * shift };
+                    let p = if flaw == Some(i) {
+                        a * d
+                    } else {
+                        a * d * shift
+                    };
                     lines.push(format!("{}*{}={}", a, d * shift, p));
                     partials.push(p);
                 }
@@ -212,7 +261,10 @@ impl Problem {
             return None;
         }
         lines.push(format!("= {answer}"));
-        Some(Worked { think: lines.join("\n"), answer })
+        Some(Worked {
+            think: lines.join("\n"),
+            answer,
+        })
     }
 }
 
@@ -248,7 +300,14 @@ fn digits_lsb(mut n: u64) -> Vec<u64> {
 
 fn paired_digits(a: u64, b: u64) -> Vec<(u64, u64)> {
     let (da, db) = (digits_lsb(a), digits_lsb(b));
-    (0..da.len().max(db.len())).map(|i| (da.get(i).copied().unwrap_or(0), db.get(i).copied().unwrap_or(0))).collect()
+    (0..da.len().max(db.len()))
+        .map(|i| {
+            (
+                da.get(i).copied().unwrap_or(0),
+                db.get(i).copied().unwrap_or(0),
+            )
+        })
+        .collect()
 }
 
 /// Addition columns; at column `drop`, the carry out is forgotten.
@@ -258,7 +317,13 @@ fn add_columns(a: u64, b: u64, drop: Option<usize>) -> Vec<Column> {
     for (i, (da, db)) in paired_digits(a, b).into_iter().enumerate() {
         let s = da + db + cin;
         let out = if drop == Some(i) { 0 } else { s / 10 };
-        cols.push(Column { da, db, cin, digit: s % 10, out });
+        cols.push(Column {
+            da,
+            db,
+            cin,
+            digit: s % 10,
+            out,
+        });
         cin = out;
     }
     cols
@@ -270,9 +335,19 @@ fn sub_columns(a: u64, b: u64, drop: Option<usize>) -> Vec<Column> {
     let mut cols = Vec::new();
     for (i, (da, db)) in paired_digits(a, b).into_iter().enumerate() {
         let r = da as i64 - db as i64 - cin as i64;
-        let (digit, borrow) = if r < 0 { ((r + 10) as u64, 1) } else { (r as u64, 0) };
+        let (digit, borrow) = if r < 0 {
+            ((r + 10) as u64, 1)
+        } else {
+            (r as u64, 0)
+        };
         let out = if drop == Some(i) { 0 } else { borrow };
-        cols.push(Column { da, db, cin, digit, out });
+        cols.push(Column {
+            da,
+            db,
+            cin,
+            digit,
+            out,
+        });
         cin = out;
     }
     cols
@@ -298,7 +373,12 @@ pub struct TaskConfig {
 
 impl Default for TaskConfig {
     fn default() -> Self {
-        Self { ops: vec![Op::Add, Op::Sub, Op::Mul], min_digits: 1, max_digits: 3, held_out_percent: 10 }
+        Self {
+            ops: vec![Op::Add, Op::Sub, Op::Mul],
+            min_digits: 1,
+            max_digits: 3,
+            held_out_percent: 10,
+        }
     }
 }
 
@@ -310,13 +390,25 @@ impl TaskConfig {
             return bad("ops", "is empty".into());
         }
         if self.min_digits == 0 || self.min_digits > self.max_digits {
-            return bad("min_digits", format!("= {} must be in 1..=max_digits ({})", self.min_digits, self.max_digits));
+            return bad(
+                "min_digits",
+                format!(
+                    "= {} must be in 1..=max_digits ({})",
+                    self.min_digits, self.max_digits
+                ),
+            );
         }
         if self.max_digits > 9 {
-            return bad("max_digits", format!("= {} must be at most 9", self.max_digits));
+            return bad(
+                "max_digits",
+                format!("= {} must be at most 9", self.max_digits),
+            );
         }
         if self.held_out_percent > 100 {
-            return bad("held_out_percent", format!("= {} must be at most 100", self.held_out_percent));
+            return bad(
+                "held_out_percent",
+                format!("= {} must be at most 100", self.held_out_percent),
+            );
         }
         Ok(())
     }
@@ -333,7 +425,10 @@ impl Generator {
     /// A generator for `cfg` seeded with `seed`; fails on an invalid config.
     pub fn new(cfg: TaskConfig, seed: u64) -> Result<Self, TaskError> {
         cfg.validate()?;
-        Ok(Self { cfg, rng: SplitMix64::new(seed) })
+        Ok(Self {
+            cfg,
+            rng: SplitMix64::new(seed),
+        })
     }
 
     /// The next problem of `split`, drawn by rejection so the other split is never returned.
@@ -344,20 +439,31 @@ impl Generator {
                 return Ok(p);
             }
         }
-        Err(TaskError::Exhausted { what: "problem of the requested split", attempts: MAX_ATTEMPTS })
+        Err(TaskError::Exhausted {
+            what: "problem of the requested split",
+            attempts: MAX_ATTEMPTS,
+        })
     }
 
     fn operand(&mut self) -> u64 {
         let span = u64::from(self.cfg.max_digits - self.cfg.min_digits + 1);
         let digits = self.cfg.min_digits + self.rng.below(span) as u32;
-        let lo = if digits == 1 { 0 } else { 10u64.pow(digits - 1) };
+        let lo = if digits == 1 {
+            0
+        } else {
+            10u64.pow(digits - 1)
+        };
         lo + self.rng.below(10u64.pow(digits) - lo)
     }
 
     fn draw(&mut self) -> Problem {
         let op = self.cfg.ops[self.rng.below(self.cfg.ops.len() as u64) as usize];
         let (x, y) = (self.operand(), self.operand());
-        let (a, b) = if op == Op::Sub { (x.max(y), x.min(y)) } else { (x, y) };
+        let (a, b) = if op == Op::Sub {
+            (x.max(y), x.min(y))
+        } else {
+            (x, y)
+        };
         Problem { a, b, op }
     }
 }
@@ -387,7 +493,11 @@ pub struct CorpusMix {
 impl Default for CorpusMix {
     fn default() -> Self {
         // Mostly direct answers so greedy decoding skips thinking; some flawed pads leave room for RL.
-        Self { direct: 6, scratchpad: 3, flawed: 1 }
+        Self {
+            direct: 6,
+            scratchpad: 3,
+            flawed: 1,
+        }
     }
 }
 
@@ -417,10 +527,18 @@ pub fn completion(think: &str, answer: u64) -> String {
 }
 
 /// `n` reproducible training documents mixing the item kinds by `mix`; never touches held-out problems.
-pub fn corpus(cfg: &TaskConfig, mix: &CorpusMix, n: usize, seed: u64) -> Result<Vec<Example>, TaskError> {
+pub fn corpus(
+    cfg: &TaskConfig,
+    mix: &CorpusMix,
+    n: usize,
+    seed: u64,
+) -> Result<Vec<Example>, TaskError> {
     let total = u64::from(mix.direct) + u64::from(mix.scratchpad) + u64::from(mix.flawed);
     if total == 0 {
-        return Err(TaskError::InvalidConfig { field: "mix", reason: "has all weights zero".into() });
+        return Err(TaskError::InvalidConfig {
+            field: "mix",
+            reason: "has all weights zero".into(),
+        });
     }
     let mut gen_ = Generator::new(cfg.clone(), seed)?;
     let mut pick = SplitMix64::new(seed ^ 0xC0DE_C0DE_C0DE_C0DE);
@@ -437,7 +555,13 @@ pub fn corpus(cfg: &TaskConfig, mix: &CorpusMix, n: usize, seed: u64) -> Result<
         let (problem, worked) = match kind {
             ItemKind::Direct => {
                 let p = gen_.sample(Split::Train)?;
-                (p, Worked { think: DIRECT_THOUGHT.into(), answer: p.answer() })
+                (
+                    p,
+                    Worked {
+                        think: DIRECT_THOUGHT.into(),
+                        answer: p.answer(),
+                    },
+                )
             }
             ItemKind::Scratchpad => {
                 let p = gen_.sample(Split::Train)?;
@@ -445,20 +569,31 @@ pub fn corpus(cfg: &TaskConfig, mix: &CorpusMix, n: usize, seed: u64) -> Result<
             }
             ItemKind::Flawed => flawed_example(&mut gen_, &mut pick)?,
         };
-        out.push(Example { problem, kind, prompt: problem.prompt(), completion: completion(&worked.think, worked.answer) });
+        out.push(Example {
+            problem,
+            kind,
+            prompt: problem.prompt(),
+            completion: completion(&worked.think, worked.answer),
+        });
     }
     Ok(out)
 }
 
 /// Draws training problems until one admits a slip (e.g. an addition with a carry).
-fn flawed_example(gen_: &mut Generator, pick: &mut SplitMix64) -> Result<(Problem, Worked), TaskError> {
+fn flawed_example(
+    gen_: &mut Generator,
+    pick: &mut SplitMix64,
+) -> Result<(Problem, Worked), TaskError> {
     for _ in 0..MAX_ATTEMPTS {
         let p = gen_.sample(Split::Train)?;
         if let Some(w) = p.flawed_scratchpad(pick.next_u64()) {
             return Ok((p, w));
         }
     }
-    Err(TaskError::Exhausted { what: "problem with room for a flawed scratchpad", attempts: MAX_ATTEMPTS })
+    Err(TaskError::Exhausted {
+        what: "problem with room for a flawed scratchpad",
+        attempts: MAX_ATTEMPTS,
+    })
 }
 
 #[cfg(test)]
@@ -475,7 +610,10 @@ mod tests {
         let want = "5+9+0=14 write 4 carry 1\n4+8+1=13 write 3 carry 1\n3+7+1=11 write 1 carry 1\nwrite 1\n= 1134";
         assert_eq!(w.think, want);
         assert_eq!(w.answer, 1134);
-        assert_eq!(p(7, Op::Add, 0).scratchpad().think, "7+0+0=7 write 7 carry 0\n= 7");
+        assert_eq!(
+            p(7, Op::Add, 0).scratchpad().think,
+            "7+0+0=7 write 7 carry 0\n= 7"
+        );
     }
 
     #[test]
@@ -490,22 +628,37 @@ mod tests {
     #[test]
     fn multiplication_scratchpad_by_hand() {
         let w = p(345, Op::Mul, 207).scratchpad();
-        assert_eq!(w.think, "345*7=2415\n345*0=0\n345*200=69000\n2415+0=2415\n2415+69000=71415\n= 71415");
+        assert_eq!(
+            w.think,
+            "345*7=2415\n345*0=0\n345*200=69000\n2415+0=2415\n2415+69000=71415\n= 71415"
+        );
         assert_eq!(w.answer, 71415);
     }
 
     #[test]
     fn flawed_scratchpads_by_hand() {
         // 345+789, carry dropped in the tens column: 1034 instead of 1134.
-        let w = p(345, Op::Add, 789).flawed_scratchpad(1).expect("has carries");
-        assert_eq!(w.think, "5+9+0=14 write 4 carry 1\n4+8+1=13 write 3 carry 0\n3+7+0=10 write 0 carry 1\nwrite 1\n= 1034");
+        let w = p(345, Op::Add, 789)
+            .flawed_scratchpad(1)
+            .expect("has carries");
+        assert_eq!(
+            w.think,
+            "5+9+0=14 write 4 carry 1\n4+8+1=13 write 3 carry 0\n3+7+0=10 write 0 carry 1\nwrite 1\n= 1034"
+        );
         assert_eq!(w.answer, 1034);
         // 52-17, borrow forgotten in the ones column: 45 instead of 35.
-        let w = p(52, Op::Sub, 17).flawed_scratchpad(0).expect("has a borrow");
-        assert_eq!(w.think, "2-7-0=-5 +10=5 write 5 borrow 0\n5-1-0=4 write 4 borrow 0\n= 45");
+        let w = p(52, Op::Sub, 17)
+            .flawed_scratchpad(0)
+            .expect("has a borrow");
+        assert_eq!(
+            w.think,
+            "2-7-0=-5 +10=5 write 5 borrow 0\n5-1-0=4 write 4 borrow 0\n= 45"
+        );
         assert_eq!(w.answer, 45);
         // 12*34, the tens partial product written without its zero.
-        let w = p(12, Op::Mul, 34).flawed_scratchpad(0).expect("two-digit multiplier");
+        let w = p(12, Op::Mul, 34)
+            .flawed_scratchpad(0)
+            .expect("two-digit multiplier");
         assert_eq!(w.think, "12*4=48\n12*30=36\n48+36=84\n= 84");
         assert_eq!(w.answer, 84);
         // No place for a slip.
@@ -516,7 +669,11 @@ mod tests {
 
     #[test]
     fn scratchpads_agree_with_arithmetic_and_flaws_disagree() {
-        let cfg = TaskConfig { min_digits: 1, max_digits: 6, ..TaskConfig::default() };
+        let cfg = TaskConfig {
+            min_digits: 1,
+            max_digits: 6,
+            ..TaskConfig::default()
+        };
         let mut g = Generator::new(cfg, 7).expect("valid config");
         for i in 0..3000 {
             let prob = g.sample(Split::Train).expect("sample");
@@ -532,15 +689,24 @@ mod tests {
 
     #[test]
     fn generator_is_reproducible_and_respects_digits() {
-        let cfg = TaskConfig { min_digits: 2, max_digits: 3, ..TaskConfig::default() };
+        let cfg = TaskConfig {
+            min_digits: 2,
+            max_digits: 3,
+            ..TaskConfig::default()
+        };
         let draw = |seed| {
             let mut g = Generator::new(cfg.clone(), seed).expect("valid");
-            (0..50).map(|_| g.sample(Split::Train).expect("sample")).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| g.sample(Split::Train).expect("sample"))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(1), draw(1));
         assert_ne!(draw(1), draw(2));
         for prob in draw(3) {
-            assert!((10..1000).contains(&prob.a) && (10..1000).contains(&prob.b), "{prob:?}");
+            assert!(
+                (10..1000).contains(&prob.a) && (10..1000).contains(&prob.b),
+                "{prob:?}"
+            );
             if prob.op == Op::Sub {
                 assert!(prob.a >= prob.b);
             }
@@ -549,7 +715,12 @@ mod tests {
 
     #[test]
     fn held_out_split_is_disjoint_by_construction() {
-        let cfg = TaskConfig { min_digits: 1, max_digits: 2, held_out_percent: 20, ..TaskConfig::default() };
+        let cfg = TaskConfig {
+            min_digits: 1,
+            max_digits: 2,
+            held_out_percent: 20,
+            ..TaskConfig::default()
+        };
         // Every training sample from many seeds lies in Train, every evaluation sample in HeldOut.
         let mut train = std::collections::HashSet::new();
         let mut held = std::collections::HashSet::new();
@@ -578,19 +749,38 @@ mod tests {
                 assert_eq!(p(a, Op::Mul, b).split(20), p(b, Op::Mul, a).split(20));
             }
         }
-        let share = (0..10_000).filter(|i| p(i / 100, Op::Add, i % 100).split(20) == Split::HeldOut).count();
-        assert!((1500..2500).contains(&share), "held-out share {share}/10000");
+        let share = (0..10_000)
+            .filter(|i| p(i / 100, Op::Add, i % 100).split(20) == Split::HeldOut)
+            .count();
+        assert!(
+            (1500..2500).contains(&share),
+            "held-out share {share}/10000"
+        );
         // The extremes.
         assert_eq!(p(3, Op::Add, 4).split(0), Split::Train);
         assert_eq!(p(3, Op::Add, 4).split(100), Split::HeldOut);
-        let mut all_held = Generator::new(TaskConfig { held_out_percent: 100, ..cfg }, 0).expect("valid");
-        assert!(matches!(all_held.sample(Split::Train), Err(TaskError::Exhausted { .. })));
+        let mut all_held = Generator::new(
+            TaskConfig {
+                held_out_percent: 100,
+                ..cfg
+            },
+            0,
+        )
+        .expect("valid");
+        assert!(matches!(
+            all_held.sample(Split::Train),
+            Err(TaskError::Exhausted { .. })
+        ));
     }
 
     #[test]
     fn corpus_mixes_kinds_in_the_documented_format() {
         let cfg = TaskConfig::default();
-        let mix = CorpusMix { direct: 1, scratchpad: 1, flawed: 1 };
+        let mix = CorpusMix {
+            direct: 1,
+            scratchpad: 1,
+            flawed: 1,
+        };
         let docs = corpus(&cfg, &mix, 600, 42).expect("corpus");
         assert_eq!(docs, corpus(&cfg, &mix, 600, 42).expect("corpus"));
         let count = |k| docs.iter().filter(|d| d.kind == k).count();
@@ -599,14 +789,36 @@ mod tests {
         }
         for d in &docs {
             assert_eq!(d.problem.split(cfg.held_out_percent), Split::Train);
-            assert_eq!(crate::rewards::format_reward(&d.completion), 1.0, "{}", d.text());
-            let right = crate::rewards::accuracy_reward(&d.completion, &d.problem.answer().to_string());
+            assert_eq!(
+                crate::rewards::format_reward(&d.completion),
+                1.0,
+                "{}",
+                d.text()
+            );
+            let right =
+                crate::rewards::accuracy_reward(&d.completion, &d.problem.answer().to_string());
             assert_eq!(right == 1.0, d.kind != ItemKind::Flawed, "{}", d.text());
             assert!(d.text().starts_with("Problem: ") && d.prompt.ends_with("=?\n"));
         }
-        let only_direct = corpus(&cfg, &CorpusMix { direct: 1, scratchpad: 0, flawed: 0 }, 5, 0).expect("corpus");
+        let only_direct = corpus(
+            &cfg,
+            &CorpusMix {
+                direct: 1,
+                scratchpad: 0,
+                flawed: 0,
+            },
+            5,
+            0,
+        )
+        .expect("corpus");
         let d = &only_direct[0];
-        assert_eq!(d.completion, format!("<think>{DIRECT_THOUGHT}</think><answer>{}</answer>", d.problem.answer()));
+        assert_eq!(
+            d.completion,
+            format!(
+                "<think>{DIRECT_THOUGHT}</think><answer>{}</answer>",
+                d.problem.answer()
+            )
+        );
     }
 
     #[test]
@@ -615,12 +827,50 @@ mod tests {
             Err(TaskError::InvalidConfig { field, .. }) => field,
             other => panic!("expected a config error, got {other:?}"),
         };
-        assert_eq!(bad(TaskConfig { ops: vec![], ..TaskConfig::default() }), "ops");
-        assert_eq!(bad(TaskConfig { min_digits: 0, ..TaskConfig::default() }), "min_digits");
-        assert_eq!(bad(TaskConfig { min_digits: 4, max_digits: 3, ..TaskConfig::default() }), "min_digits");
-        assert_eq!(bad(TaskConfig { max_digits: 10, ..TaskConfig::default() }), "max_digits");
-        assert_eq!(bad(TaskConfig { held_out_percent: 101, ..TaskConfig::default() }), "held_out_percent");
-        let zero = CorpusMix { direct: 0, scratchpad: 0, flawed: 0 };
-        assert!(matches!(corpus(&TaskConfig::default(), &zero, 1, 0), Err(TaskError::InvalidConfig { field: "mix", .. })));
+        assert_eq!(
+            bad(TaskConfig {
+                ops: vec![],
+                ..TaskConfig::default()
+            }),
+            "ops"
+        );
+        assert_eq!(
+            bad(TaskConfig {
+                min_digits: 0,
+                ..TaskConfig::default()
+            }),
+            "min_digits"
+        );
+        assert_eq!(
+            bad(TaskConfig {
+                min_digits: 4,
+                max_digits: 3,
+                ..TaskConfig::default()
+            }),
+            "min_digits"
+        );
+        assert_eq!(
+            bad(TaskConfig {
+                max_digits: 10,
+                ..TaskConfig::default()
+            }),
+            "max_digits"
+        );
+        assert_eq!(
+            bad(TaskConfig {
+                held_out_percent: 101,
+                ..TaskConfig::default()
+            }),
+            "held_out_percent"
+        );
+        let zero = CorpusMix {
+            direct: 0,
+            scratchpad: 0,
+            flawed: 0,
+        };
+        assert!(matches!(
+            corpus(&TaskConfig::default(), &zero, 1, 0),
+            Err(TaskError::InvalidConfig { field: "mix", .. })
+        ));
     }
 }
