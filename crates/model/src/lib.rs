@@ -89,12 +89,19 @@ impl Model {
             ModelConfig::Llama(_) => None,
         };
         let checkpoint = Checkpoint::open(dir, device)?.with_fp8_block_size(fp8);
+        Self::from_checkpoint(config, &checkpoint)
+    }
+
+    /// Builds the model from an opened checkpoint, e.g. one of trainable variables
+    /// ([`Checkpoint::from_tensors`]): the forward pass then records gradients for them.
+    pub fn from_checkpoint(config: ModelConfig, checkpoint: &Checkpoint) -> Result<Self> {
+        let device = checkpoint.device();
         let root = checkpoint.pp("");
         let arch = match &config {
             ModelConfig::DeepSeek(c) => Architecture::DeepSeek(deepseek::DeepSeek::load(&root, c)?),
             ModelConfig::Llama(c) => Architecture::Llama(llama::Llama::load(&root, c)?),
         };
-        let info = model_info(&config, &checkpoint);
+        let info = model_info(&config, checkpoint);
         Ok(Self {
             arch,
             config,

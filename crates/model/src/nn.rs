@@ -65,13 +65,12 @@ impl RmsNorm {
         })
     }
 
-    /// Normalizes over the last dimension.
+    /// Normalizes over the last dimension. Composed of plain tensor ops (candle-nn's fused
+    /// `rms_norm` passes no gradient), so training and inference run the same code.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            &self.weight,
-            self.eps,
-        )?)
+        let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x.broadcast_div(&(mean_square + self.eps as f64)?.sqrt()?)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
     }
 }
 

@@ -137,13 +137,28 @@ impl RotaryEmbedding {
     }
 
     /// Rotates `x` of shape (batch, heads, seq, dim) at positions `start .. start + seq`.
+    /// Composed of plain tensor ops (candle-nn's fused rope passes no gradient).
     pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let seq = x.dim(2)?;
-        let (cos, sin) = self.cos_sin(start, seq, x.device())?;
-        let x = x.contiguous()?;
+        let (b, h, seq, dim) = x.dims4()?;
+        let half = dim / 2;
+        let (cos, sin) = self.cos_sin(start, seq, x.device())?; // (seq, dim / 2) each
         Ok(match self.style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
-            RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
+            RopeStyle::Interleaved => {
+                // (b, h, seq, dim) -> (b, h, seq, dim / 2, 2): pairs (x0, x1), (x2, x3), ...
+                let pairs = x.reshape((b, h, seq, half, 2))?;
+                let even = pairs.narrow(4, 0, 1)?.squeeze(4)?;
+                let odd = pairs.narrow(4, 1, 1)?.squeeze(4)?;
+                let rot_even = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
+                let rot_odd = (even.broadcast_mul(&sin)? + odd.broadcast_mul(&cos)?)?;
+                Tensor::stack(&[rot_even, rot_odd], 4)?.reshape((b, h, seq, dim))?
+            }
+            RopeStyle::HalfSplit => {
+                let first = x.narrow(3, 0, half)?;
+                let second = x.narrow(3, half, half)?;
+                let rot_first = (first.broadcast_mul(&cos)? - second.broadcast_mul(&sin)?)?;
+                let rot_second = (second.broadcast_mul(&cos)? + first.broadcast_mul(&sin)?)?;
+                Tensor::cat(&[rot_first, rot_second], 3)?
+            }
         })
     }
 }

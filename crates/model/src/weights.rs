@@ -29,6 +29,8 @@ pub struct Checkpoint {
     dir: PathBuf,
     files: Vec<(PathBuf, Mmap)>,
     tensors: HashMap<String, TensorEntry>,
+    /// Tensors held in memory instead of files (trainable variables), served without a copy.
+    in_memory: HashMap<String, Tensor>,
     fp8_block_size: Option<[usize; 2]>,
     device: Device,
 }
@@ -84,9 +86,23 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             files,
             tensors,
+            in_memory: HashMap::new(),
             fp8_block_size: None,
             device: device.clone(),
         })
+    }
+
+    /// A checkpoint of f32 tensors already in memory, e.g. the variables of a model being trained:
+    /// `get` returns them as they are, so gradients flow back to them.
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, device: &Device) -> Self {
+        Self {
+            dir: PathBuf::from("(in memory)"),
+            files: Vec::new(),
+            tensors: HashMap::new(),
+            in_memory: tensors,
+            fp8_block_size: None,
+            device: device.clone(),
+        }
     }
 
     /// Declares the checkpoint as DeepSeek's FP8 release with scales per block of this shape.
@@ -102,17 +118,23 @@ impl Checkpoint {
 
     /// Whether the checkpoint holds a tensor of this name.
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.in_memory.contains_key(name)
     }
 
     /// Names of all tensors, for counting parameters and finding unexpected ones.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
+        self.tensors
+            .keys()
+            .chain(self.in_memory.keys())
+            .map(String::as_str)
     }
 
     /// Stored shape of a tensor, if present.
     pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
-        self.tensors.get(name).map(|e| e.shape.as_slice())
+        match self.in_memory.get(name) {
+            Some(t) => Some(t.dims()),
+            None => self.tensors.get(name).map(|e| e.shape.as_slice()),
+        }
     }
 
     /// Stored dtype names of all tensors (e.g. "BF16", "F8_E4M3"), for `info`.
@@ -121,6 +143,7 @@ impl Checkpoint {
             .tensors
             .values()
             .map(|e| format!("{:?}", e.dtype))
+            .chain(self.in_memory.values().map(|t| format!("{:?}", t.dtype())))
             .collect();
         dtypes.sort();
         dtypes.dedup();
@@ -137,6 +160,17 @@ impl Checkpoint {
 
     /// Loads a tensor as f32, checking its shape; FP8 weights are dequantized with their block scales.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some(tensor) = self.in_memory.get(name) {
+            if tensor.dims() != shape {
+                return Err(ModelError::ShapeMismatch {
+                    name: name.to_owned(),
+                    file: self.dir.clone(),
+                    expected: shape.to_vec(),
+                    found: tensor.dims().to_vec(),
+                });
+            }
+            return Ok(tensor.to_dtype(DType::F32)?);
+        }
         let entry = self.entry(name)?;
         let file = &self.files[entry.file].0;
         if entry.shape != shape {

@@ -7,7 +7,7 @@
 //! either normalizes or scales by `routed_scaling_factor`, V3 normalizes (if asked) and then scales.
 //! (transformers' V2 router ignores `norm_topk_prob`; it agrees wherever that flag is false.)
 
-use candle_core::{DType, Tensor};
+use candle_core::{D, DType, Tensor};
 
 use crate::config::{DeepSeekConfig, DeepSeekVersion, ScoringFunc, TopkMethod};
 use crate::error::{ModelError, Result};
@@ -93,19 +93,49 @@ impl Router {
             .collect();
         let chosen = top_indices(&masked, self.top_k);
         let mut weights: Vec<f32> = chosen.iter().map(|&e| scores[e]).collect();
-        let normalize =
-            self.norm_topk_prob && (self.version == DeepSeekVersion::V3 || self.top_k > 1);
+        let (normalize, scale) = self.weight_rule();
         if normalize {
             let sum: f32 = weights.iter().sum::<f32>() + 1e-20;
             weights.iter_mut().for_each(|w| *w /= sum);
         }
-        // DeepSeek-V2 scales only unnormalized weights; V3 always scales.
-        if !normalize || self.version == DeepSeekVersion::V3 {
+        if scale {
             weights
                 .iter_mut()
                 .for_each(|w| *w *= self.routed_scaling_factor);
         }
         chosen.into_iter().zip(weights).collect()
+    }
+
+    /// Whether the chosen experts' scores are normalized to sum to one, and whether they are then
+    /// multiplied by `routed_scaling_factor`: DeepSeek-V2 does one or the other, V3 both.
+    fn weight_rule(&self) -> (bool, bool) {
+        let normalize =
+            self.norm_topk_prob && (self.version == DeepSeekVersion::V3 || self.top_k > 1);
+        let scale = !normalize || self.version == DeepSeekVersion::V3;
+        (normalize, scale)
+    }
+
+    /// Scores (tokens, experts) as a differentiable tensor, by the configured scoring function.
+    fn scores(&self, logits: &Tensor) -> Result<Tensor> {
+        Ok(match self.scoring {
+            ScoringFunc::Softmax => candle_nn::ops::softmax(logits, D::Minus1)?,
+            ScoringFunc::Sigmoid => (logits.neg()?.exp()? + 1.0)?.recip()?,
+        })
+    }
+
+    /// The routing weights (tokens, top_k) of chosen experts, from their scores (tokens, top_k) by
+    /// the same rule as [`Router::route`], as tensor ops so that gradients reach the router.
+    fn weights(&self, chosen_scores: &Tensor) -> Result<Tensor> {
+        let (normalize, scale) = self.weight_rule();
+        let mut weights = chosen_scores.clone();
+        if normalize {
+            let sum = (weights.sum_keepdim(D::Minus1)? + 1e-20)?;
+            weights = weights.broadcast_div(&sum)?;
+        }
+        if scale {
+            weights = (weights * self.routed_scaling_factor as f64)?;
+        }
+        Ok(weights)
     }
 }
 
@@ -184,30 +214,41 @@ impl Moe {
     }
 
     /// (tokens, hidden) -> (tokens, hidden). Each expert runs once on the tokens routed to it.
+    /// Experts are chosen by [`Router::route`]; their weights are recomputed from the scores as
+    /// tensor ops, so the router's weight receives gradients in training.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let logits: Vec<Vec<f32>> = x.matmul(&self.gate.t()?)?.to_vec2()?; // (tokens, experts)
-        let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> =
+        let logits = x.matmul(&self.gate.t()?)?; // (tokens, experts)
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        let top_k = self.router.top_k;
+        let mut chosen = Vec::with_capacity(rows.len() * top_k);
+        // Per expert: the tokens routed to it and the (token * top_k + slot) of their weights.
+        let mut per_expert: Vec<(Vec<u32>, Vec<u32>)> =
             vec![(Vec::new(), Vec::new()); self.experts.len()];
-        for (token, token_logits) in logits.iter().enumerate() {
-            for (expert, weight) in self.router.route(token_logits) {
+        for (token, row) in rows.iter().enumerate() {
+            for (slot, (expert, _)) in self.router.route(row).into_iter().enumerate() {
+                chosen.push(expert as u32);
                 per_expert[expert].0.push(token as u32);
-                per_expert[expert].1.push(weight);
+                per_expert[expert].1.push((token * top_k + slot) as u32);
             }
         }
+        let chosen = Tensor::from_vec(chosen, (rows.len(), top_k), x.device())?;
+        let scores = self.router.scores(&logits)?.gather(&chosen, 1)?; // (tokens, top_k)
+        let weights = self.router.weights(&scores)?.flatten_all()?;
         let mut out = match &self.shared {
             Some(shared) => shared.forward(x)?,
             None => x.zeros_like()?,
         };
-        for (expert, (tokens, weights)) in self.experts.iter().zip(per_expert) {
+        for (expert, (tokens, slots)) in self.experts.iter().zip(per_expert) {
             if tokens.is_empty() {
                 continue;
             }
             let n = tokens.len();
             let index = Tensor::from_vec(tokens, n, x.device())?;
-            let weights = Tensor::from_vec(weights, (n, 1), x.device())?;
+            let slots = Tensor::from_vec(slots, n, x.device())?;
+            let weight = weights.index_select(&slots, 0)?.reshape((n, 1))?;
             let y = expert
                 .forward(&x.index_select(&index, 0)?)?
-                .broadcast_mul(&weights)?;
+                .broadcast_mul(&weight)?;
             out = out.index_add(&index, &y, 0)?;
         }
         Ok(out)
