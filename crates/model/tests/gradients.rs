@@ -140,7 +140,7 @@ fn gradient_matches_finite_differences() {
             .to_vec1::<f32>()
             .unwrap();
         let h = 1e-2f32;
-        let mut at = |delta: f32| {
+        let at = |delta: f32| {
             let mut values = original.clone();
             values[flat] += delta;
             var.set(&Tensor::from_vec(values, var.dims(), &Device::Cpu).unwrap())
