@@ -93,7 +93,9 @@ impl Model {
     }
 
     /// Builds the model from an opened checkpoint, e.g. one of trainable variables
-    /// ([`Checkpoint::from_tensors`]): the forward pass then records gradients for them.
+    /// ([`Checkpoint::from_tensors`]): the forward pass then records gradients for them. The
+    /// absorbed MLA path folds `kv_b_proj` into per-head matrices here, so after an optimizer
+    /// updates the variables, build the model again (or use [`MlaPath::Naive`]).
     pub fn from_checkpoint(config: ModelConfig, checkpoint: &Checkpoint) -> Result<Self> {
         let device = checkpoint.device();
         let root = checkpoint.pp("");
