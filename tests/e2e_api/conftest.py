@@ -44,6 +44,13 @@ def keyed_url():
 
 
 @pytest.fixture(scope="session")
+def tight_url():
+    """One running sequence and one waiting: a third concurrent request must be refused with 429."""
+    with Server(FIXTURE_MODEL, ["--max-seqs", "1", "--max-waiting", "1"]) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
 def r1_url(tmp_path_factory):
     """The fixture model with DeepSeek-R1's template, which opens `<think>` after `<｜Assistant｜>`:
     everything the random model writes is then reasoning."""

@@ -2,12 +2,15 @@
 
 The model's text is gibberish by design, so the tests check the API's shape and its invariants: usage
 adds up (DeepSeek's cache-hit fields included, read through pydantic's `model_extra`), greedy decoding
-gives the same text streamed or not, errors come back as the client's typed exceptions naming the field.
-Run with tests/e2e_api/run.sh.
+gives the same text streamed or not, errors come back as the client's typed exceptions naming the field,
+stop strings cut the text, a client that leaves is cancelled, a full queue answers 429, and the R1
+template's reasoning arrives as `reasoning_content`. Run with tests/e2e_api/run.sh.
 """
 
-import subprocess
 import shutil
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -182,8 +185,8 @@ def test_api_key(keyed_url):
         (dict(max_tokens=0), "max_tokens"),
         (dict(max_tokens=100_000), "max_tokens"),
         (dict(max_completion_tokens=100_000), "max_completion_tokens"),
-        (dict(presence_penalty=0.5), "presence_penalty"),
-        (dict(frequency_penalty=0.5), "frequency_penalty"),
+        (dict(presence_penalty=3.0), "presence_penalty"),
+        (dict(frequency_penalty=-3.0), "frequency_penalty"),
         (dict(logprobs=True), "logprobs"),
         (dict(messages=[]), "messages"),
         (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role"),
@@ -244,3 +247,68 @@ def test_curl_sse(base_url):
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def metric(base_url: str, name: str) -> float:
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise KeyError(name)
+
+
+def test_stop_string(client, model_id):
+    kwargs = dict(model=model_id, prompt="Es war einmal", max_tokens=24, temperature=0)
+    text = client.completions.create(**kwargs).choices[0].text
+    stop = text[len(text) // 2:][:2]
+    assert stop.strip(), f"no usable stop string in {text!r}"
+    cut = client.completions.create(stop=[stop], **kwargs)
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.usage.completion_tokens < 24
+
+
+def test_disconnect_cancels(client, model_id, base_url):
+    before = metric(base_url, "tiefsee_requests_cancelled_total")
+    stream = client.chat.completions.create(
+        model=model_id, messages=MESSAGES, max_tokens=480, temperature=0, stream=True
+    )
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 10
+    while metric(base_url, "tiefsee_requests_cancelled_total") == before:
+        assert time.monotonic() < deadline, "the engine did not cancel a request whose client left"
+        time.sleep(0.05)
+    while metric(base_url, "tiefsee_running_sequences") != 0:
+        assert time.monotonic() < deadline, "the cancelled request still runs"
+        time.sleep(0.05)
+
+
+def test_queue_full_is_429(tight_url):
+    client = openai.OpenAI(base_url=tight_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    kwargs = dict(model="deepseek-v3", messages=MESSAGES, max_tokens=480, temperature=0, stream=True)
+    running = client.chat.completions.create(**kwargs)
+    next(iter(running))  # admitted and decoding
+    # `create` returns once the response headers arrive, i.e. once the engine has queued the request.
+    waiting = client.chat.completions.create(**kwargs)
+    try:
+        with pytest.raises(openai.RateLimitError) as error:
+            client.chat.completions.create(**kwargs)
+        assert error.value.status_code == 429
+    finally:
+        running.close()
+        waiting.close()
+
+
+@pytest.mark.parametrize("prompt", [[], [0] + [5] * 600], ids=["empty", "longer-than-context"])
+def test_completion_prompt_errors_name_prompt(client, model_id, prompt):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=model_id, prompt=prompt, max_tokens=4)
+    assert error.value.param == "prompt", error.value.message
+
+
+@pytest.mark.parametrize(("name", "value"), [("temperature", "hot"), ("max_tokens", -1), ("top_k", "many")])
+def test_type_errors_name_the_field(client, model_id, name, value):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=model_id, messages=MESSAGES, extra_body={name: value})
+    assert name in error.value.message or error.value.param == name, error.value.message

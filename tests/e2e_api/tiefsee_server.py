@@ -57,6 +57,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log = log
+        self._log_file = None
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "Server":
@@ -91,8 +92,9 @@ class Server:
                 os.killpg(self.process.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=10)
-        if self.log and self._log_file not in (None, subprocess.DEVNULL):
+        if self._log_file not in (None, subprocess.DEVNULL):
             self._log_file.close()
+            self._log_file = None
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -55,7 +55,8 @@ pub struct CommonParams {
     pub stream_options: Option<StreamOptions>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
-    pub top_k: Option<usize>,
+    /// 0 or negative disables (vLLM's convention is -1).
+    pub top_k: Option<i64>,
     pub min_p: Option<f32>,
     pub max_tokens: Option<u64>,
     pub max_completion_tokens: Option<u64>,
@@ -69,20 +70,33 @@ pub struct CommonParams {
     pub top_logprobs: Option<u64>,
 }
 
-/// `POST /v1/chat/completions`.
+/// `POST /v1/chat/completions`: the messages (the shared fields are read from the same body).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
-    #[serde(flatten)]
-    pub params: CommonParams,
 }
 
-/// `POST /v1/completions`: `prompt` as text, or as token ids.
+/// `POST /v1/completions`: `prompt` as text, or as token ids (the shared fields are read from the
+/// same body).
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: PromptField,
-    #[serde(flatten)]
-    pub params: CommonParams,
+}
+
+/// Reads one view of a JSON body, naming the field at fault (`messages[0].role`, `temperature`).
+pub fn parse<T: serde::de::DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let message = format!("{path}: {}", e.inner());
+        if path == "." {
+            ApiError::BadRequest {
+                message,
+                param: None,
+            }
+        } else {
+            ApiError::field(&path, message)
+        }
+    })
 }
 
 /// A completion prompt: text or token ids.
@@ -160,7 +174,7 @@ impl CommonParams {
         Ok(Generation {
             sampling: SamplingParams {
                 temperature: self.temperature.unwrap_or(1.0),
-                top_k: self.top_k.unwrap_or(0),
+                top_k: self.top_k.map_or(0, |k| k.max(0) as usize),
                 top_p: self.top_p.unwrap_or(1.0),
                 min_p: self.min_p.unwrap_or(0.0),
                 repeat_penalty: self.repetition_penalty.unwrap_or(1.0),

@@ -53,13 +53,14 @@ impl ApiError {
     }
 }
 
-impl From<Rejected> for ApiError {
-    fn from(rejected: Rejected) -> Self {
+impl ApiError {
+    /// Why the engine refused a request, naming `prompt_field` when the prompt is at fault.
+    pub fn rejected(rejected: Rejected, prompt_field: &str) -> Self {
         let message = rejected.to_string();
         match rejected {
             Rejected::QueueFull { .. } => Self::Overloaded(message),
             Rejected::EmptyPrompt | Rejected::PromptTooLong { .. } => {
-                Self::field("messages", message)
+                Self::field(prompt_field, message)
             }
             Rejected::ZeroMaxTokens | Rejected::ExceedsContext { .. } => {
                 Self::field("max_tokens", message)

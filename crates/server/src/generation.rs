@@ -26,13 +26,15 @@ pub enum Output {
     Failed(String),
 }
 
-/// Submits a prompt and returns the stream of outputs, or why the engine would not take it.
+/// Submits a prompt and returns the stream of outputs, or why the engine would not take it
+/// (naming `prompt_field`, the request field the prompt came from, when the prompt is at fault).
 /// `reasoning` is `Some(prompt_opened_think)` to split `<think>` reasoning from the answer.
 pub async fn start(
     state: &AppState,
     prompt: Vec<u32>,
     generation: &Generation,
     reasoning: Option<bool>,
+    prompt_field: &str,
 ) -> Result<mpsc::Receiver<Output>, ApiError> {
     let prompt_tokens = prompt.len();
     let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -51,7 +53,10 @@ pub async fn start(
     };
     let gone = || ApiError::Unavailable("the engine is not running".into());
     state.submit.send(submit).map_err(|_| gone())?;
-    accepted.await.map_err(|_| gone())??;
+    accepted
+        .await
+        .map_err(|_| gone())?
+        .map_err(|rejected| ApiError::rejected(rejected, prompt_field))?;
 
     let (out, rx) = mpsc::channel(64);
     let tokenizer = state.tokenizer.clone();

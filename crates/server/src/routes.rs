@@ -14,7 +14,9 @@ use tiefsee_tokenizer::ReasoningParser;
 use tokio::sync::mpsc;
 
 use crate::AppState;
-use crate::api::{ChatRequest, CompletionRequest, Generation, PromptField, template_messages};
+use crate::api::{
+    ChatRequest, CommonParams, CompletionRequest, Generation, PromptField, parse, template_messages,
+};
 use crate::error::ApiError;
 use crate::generation::{self, Output};
 
@@ -28,10 +30,12 @@ enum Kind {
 /// `POST /v1/chat/completions`
 pub async fn chat(
     State(state): State<AppState>,
-    body: Result<Json<ChatRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(request) = body?;
-    let generation = request.params.validate(state.context)?;
+    let Json(body) = body?;
+    let request: ChatRequest = parse(&body)?;
+    let params: CommonParams = parse(&body)?;
+    let generation = params.validate(state.context)?;
     let messages = template_messages(&request.messages)?;
     let template = state
         .tokenizer
@@ -45,17 +49,19 @@ pub async fn chat(
         .encode(&prompt, false)
         .map_err(|e| ApiError::field("messages", e.to_string()))?;
     let opened = ReasoningParser::prompt_opens_think(&prompt);
-    let outputs = generation::start(&state, ids, &generation, Some(opened)).await?;
+    let outputs = generation::start(&state, ids, &generation, Some(opened), "messages").await?;
     Ok(respond(state, Kind::Chat, generation, outputs).await)
 }
 
 /// `POST /v1/completions`
 pub async fn completions(
     State(state): State<AppState>,
-    body: Result<Json<CompletionRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(request) = body?;
-    let generation = request.params.validate(state.context)?;
+    let Json(body) = body?;
+    let request: CompletionRequest = parse(&body)?;
+    let params: CommonParams = parse(&body)?;
+    let generation = params.validate(state.context)?;
     let ids = match &request.prompt {
         PromptField::Text(text) => state
             .tokenizer
@@ -72,7 +78,7 @@ pub async fn completions(
             ids.clone()
         }
     };
-    let outputs = generation::start(&state, ids, &generation, None).await?;
+    let outputs = generation::start(&state, ids, &generation, None, "prompt").await?;
     Ok(respond(state, Kind::Text, generation, outputs).await)
 }
 

@@ -196,7 +196,11 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
         (r#"{"messages": []}"#, Some("messages")),
         (
             r#"{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}"#,
-            None,
+            Some("temperature"),
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": 5}]}"#,
+            Some("messages[0].content"),
         ),
         (
             r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000000}"#,
