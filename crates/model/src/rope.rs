@@ -118,12 +118,12 @@ impl RotaryEmbedding {
         }
     }
 
-    /// cos and sin tables, each (seq, dim / 2), for positions `start .. start + seq`.
-    pub fn cos_sin(&self, start: usize, seq: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    /// cos and sin tables, each (positions, dim / 2), for the given positions.
+    pub fn cos_sin(&self, positions: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(seq * half);
-        let mut sin = Vec::with_capacity(seq * half);
-        for pos in start..start + seq {
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &pos in positions {
             for &f in &self.inv_freq {
                 let angle = pos as f64 * f;
                 cos.push((angle.cos() * self.attention_factor) as f32);
@@ -131,17 +131,24 @@ impl RotaryEmbedding {
             }
         }
         Ok((
-            Tensor::from_vec(cos, (seq, half), device)?,
-            Tensor::from_vec(sin, (seq, half), device)?,
+            Tensor::from_vec(cos, (positions.len(), half), device)?,
+            Tensor::from_vec(sin, (positions.len(), half), device)?,
         ))
     }
 
     /// Rotates `x` of shape (batch, heads, seq, dim) at positions `start .. start + seq`.
-    /// Composed of plain tensor ops (candle-nn's fused rope passes no gradient).
     pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let positions: Vec<usize> = (start..start + x.dim(2)?).collect();
+        self.apply_at(x, &positions)
+    }
+
+    /// Rotates `x` of shape (batch, heads, seq, dim), element `i` of the sequence axis at
+    /// `positions[i]` (tokens of several sequences batched together). Composed of plain tensor
+    /// ops (candle-nn's fused rope passes no gradient).
+    pub fn apply_at(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
         let (b, h, seq, dim) = x.dims4()?;
         let half = dim / 2;
-        let (cos, sin) = self.cos_sin(start, seq, x.device())?; // (seq, dim / 2) each
+        let (cos, sin) = self.cos_sin(positions, x.device())?; // (seq, dim / 2) each
         Ok(match self.style {
             RopeStyle::Interleaved => {
                 // (b, h, seq, dim) -> (b, h, seq, dim / 2, 2): pairs (x0, x1), (x2, x3), ...

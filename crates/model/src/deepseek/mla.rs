@@ -153,87 +153,133 @@ impl Mla {
         }; // (tokens, heads * qk)
         let kv = self.kv_down.forward(x)?; // (tokens, kv_lora_rank + rope)
         let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, self.kv_lora_rank)?)?;
+        let tokens = x.dim(0)?;
+        // RoPE and the absorbed key projection also run once for the whole batch: the position of
+        // every token, sequence by sequence.
+        let positions: Vec<usize> = segments
+            .iter()
+            .flat_map(|s| s.start..s.start + s.tokens.len())
+            .collect();
+        // (tokens, heads * qk) -> (heads, tokens, qk)
+        let q = q
+            .reshape((tokens, h, self.nope_dim + self.rope_dim))?
+            .transpose(0, 1)?;
+        let q_nope = q.narrow(2, 0, self.nope_dim)?.contiguous()?;
+        let q_pe = self
+            .rope
+            .apply_at(
+                &q.narrow(2, self.nope_dim, self.rope_dim)?.unsqueeze(0)?,
+                &positions,
+            )?
+            .squeeze(0)?; // (heads, tokens, rope)
+        let k_pe = kv.narrow(1, self.kv_lora_rank, self.rope_dim)?.reshape((
+            1,
+            1,
+            tokens,
+            self.rope_dim,
+        ))?;
+        let k_pe = self
+            .rope
+            .apply_at(&k_pe, &positions)?
+            .reshape((tokens, self.rope_dim))?;
+        let q_first = match path {
+            MlaPath::Absorbed => q_nope.matmul(&self.key_up)?, // (heads, tokens, kv_lora_rank)
+            MlaPath::Naive => q_nope,
+        };
         let mut outputs = Vec::with_capacity(segments.len());
         let mut offset = 0;
         for (seq, segment) in segments.iter().enumerate() {
-            let n = segment.tokens.len();
-            let start = segment.start;
-            // (n, heads * qk) -> (heads, n, qk)
-            let q = q
-                .narrow(0, offset, n)?
-                .reshape((n, h, self.nope_dim + self.rope_dim))?
-                .transpose(0, 1)?;
-            let q_nope = q.narrow(2, 0, self.nope_dim)?.contiguous()?;
-            let q_pe = self
-                .rope
-                .apply(
-                    &q.narrow(2, self.nope_dim, self.rope_dim)?.unsqueeze(0)?,
-                    start,
-                )?
-                .squeeze(0)?; // (heads, n, rope)
-            let k_pe = kv
-                .narrow(0, offset, n)?
-                .narrow(1, self.kv_lora_rank, self.rope_dim)?
-                .reshape((1, 1, n, self.rope_dim))?;
-            let k_pe = self.rope.apply(&k_pe, start)?.reshape((n, self.rope_dim))?;
+            let (n, start) = (segment.tokens.len(), segment.start);
             // (t, kv_lora_rank), (t, rope) for all t = start + n positions of this sequence
-            let (c_kv, k_pe) =
-                store.store(seq, layer, start, &c_kv.narrow(0, offset, n)?, &k_pe)?;
-            let out = self.attend(&q_nope, &q_pe, &c_kv, &k_pe, start, path)?; // (heads, n, v)
-            outputs.push(out.transpose(0, 1)?.reshape((n, h * self.v_dim))?);
+            let (seq_c_kv, seq_k_pe) = store.store(
+                seq,
+                layer,
+                start,
+                &c_kv.narrow(0, offset, n)?,
+                &k_pe.narrow(0, offset, n)?,
+            )?;
+            let q_first = q_first.narrow(1, offset, n)?.contiguous()?;
+            let q_pe = q_pe.narrow(1, offset, n)?.contiguous()?;
+            outputs.push(match path {
+                MlaPath::Absorbed => {
+                    self.attend_latent(&q_first, &q_pe, &seq_c_kv, &seq_k_pe, start)?
+                }
+                MlaPath::Naive => {
+                    self.attend_naive(&q_first, &q_pe, &seq_c_kv, &seq_k_pe, start)?
+                }
+            });
             offset += n;
         }
-        self.out.forward(&Tensor::cat(&outputs, 0)?)
+        let out = Tensor::cat(&outputs, 1)?;
+        let out = match path {
+            MlaPath::Absorbed => out.matmul(&self.value_up_t)?, // (heads, tokens, v)
+            MlaPath::Naive => out,
+        };
+        // (heads, tokens, v) -> (tokens, heads * v)
+        let out = out.transpose(0, 1)?.reshape((tokens, h * self.v_dim))?;
+        self.out.forward(&out)
     }
 
-    /// Attention of one sequence's queries (heads, n, ·) at positions `start ..` over its cached
-    /// latent (t, kv_lora_rank) and RoPE keys (t, rope) -> (heads, n, v_head_dim).
-    fn attend(
+    /// Absorbed attention of one sequence: latent queries (heads, n, kv_lora_rank) and RoPE
+    /// queries (heads, n, rope) at positions `start ..` over its latent (t, kv_lora_rank) and RoPE
+    /// keys (t, rope) -> attended latent (heads, n, kv_lora_rank).
+    fn attend_latent(
+        &self,
+        q_latent: &Tensor,
+        q_pe: &Tensor,
+        c_kv: &Tensor,
+        k_pe: &Tensor,
+        start: usize,
+    ) -> Result<Tensor> {
+        let (h, n) = (self.heads, q_latent.dim(1)?);
+        let t = c_kv.dim(0)?;
+        let scores = q_latent
+            .reshape((h * n, self.kv_lora_rank))?
+            .matmul(&c_kv.t()?)?
+            .add(&q_pe.reshape((h * n, self.rope_dim))?.matmul(&k_pe.t()?)?)?
+            .reshape((h, n, t))?;
+        let mask = self.mask(start, n, c_kv)?;
+        let probs = masked_softmax(&scores, self.softmax_scale, mask.as_ref())?;
+        Ok(probs
+            .reshape((h * n, t))?
+            .matmul(c_kv)?
+            .reshape((h, n, self.kv_lora_rank))?)
+    }
+
+    /// Naive attention of one sequence: per-head keys and values expanded from its latent
+    /// (t, kv_lora_rank) by `kv_b_proj` -> (heads, n, v_head_dim).
+    fn attend_naive(
         &self,
         q_nope: &Tensor,
         q_pe: &Tensor,
         c_kv: &Tensor,
         k_pe: &Tensor,
         start: usize,
-        path: MlaPath,
     ) -> Result<Tensor> {
         let (h, n) = (self.heads, q_nope.dim(1)?);
         let t = c_kv.dim(0)?;
-        let mask = if n > 1 {
-            Some(causal_mask(start, n, c_kv.device())?)
+        // (t, heads * (nope + v)) -> (heads, t, nope + v)
+        let kv = self
+            .kv_up
+            .forward(c_kv)?
+            .reshape((t, h, self.nope_dim + self.v_dim))?
+            .transpose(0, 1)?;
+        let k_nope = kv.narrow(2, 0, self.nope_dim)?;
+        let v = kv.narrow(2, self.nope_dim, self.v_dim)?.contiguous()?;
+        let k_pe = k_pe.unsqueeze(0)?.broadcast_as((h, t, self.rope_dim))?;
+        let k = Tensor::cat(&[&k_nope, &k_pe], 2)?; // (heads, t, qk)
+        let q = Tensor::cat(&[q_nope, q_pe], 2)?; // (heads, n, qk)
+        let scores = q.matmul(&k.transpose(1, 2)?.contiguous()?)?; // (heads, n, t)
+        let mask = self.mask(start, n, c_kv)?;
+        Ok(masked_softmax(&scores, self.softmax_scale, mask.as_ref())?.matmul(&v)?)
+    }
+
+    /// The causal mask of `n` queries at positions `start ..`; none for a single query.
+    fn mask(&self, start: usize, n: usize, like: &Tensor) -> Result<Option<Tensor>> {
+        Ok(if n > 1 {
+            Some(causal_mask(start, n, like.device())?)
         } else {
             None
-        };
-        Ok(match path {
-            MlaPath::Absorbed => {
-                let q_latent = q_nope.matmul(&self.key_up)?; // (heads, n, kv_lora_rank)
-                let scores = q_latent
-                    .reshape((h * n, self.kv_lora_rank))?
-                    .matmul(&c_kv.t()?)?
-                    .add(&q_pe.reshape((h * n, self.rope_dim))?.matmul(&k_pe.t()?)?)?
-                    .reshape((h, n, t))?;
-                let probs = masked_softmax(&scores, self.softmax_scale, mask.as_ref())?;
-                probs
-                    .reshape((h * n, t))?
-                    .matmul(c_kv)?
-                    .reshape((h, n, self.kv_lora_rank))?
-                    .matmul(&self.value_up_t)?
-            }
-            MlaPath::Naive => {
-                // (t, heads * (nope + v)) -> (heads, t, nope + v)
-                let kv = self
-                    .kv_up
-                    .forward(c_kv)?
-                    .reshape((t, h, self.nope_dim + self.v_dim))?
-                    .transpose(0, 1)?;
-                let k_nope = kv.narrow(2, 0, self.nope_dim)?;
-                let v = kv.narrow(2, self.nope_dim, self.v_dim)?.contiguous()?;
-                let k_pe = k_pe.unsqueeze(0)?.broadcast_as((h, t, self.rope_dim))?;
-                let k = Tensor::cat(&[&k_nope, &k_pe], 2)?; // (heads, t, qk)
-                let q = Tensor::cat(&[q_nope, q_pe], 2)?; // (heads, n, qk)
-                let scores = q.matmul(&k.transpose(1, 2)?.contiguous()?)?; // (heads, n, t)
-                masked_softmax(&scores, self.softmax_scale, mask.as_ref())?.matmul(&v)?
-            }
         })
     }
 }
