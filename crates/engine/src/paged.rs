@@ -20,11 +20,6 @@ impl<'m> PagedExecutor<'m> {
             cache: model.new_paged_cache(num_blocks * block_size),
         }
     }
-
-    /// Bytes the cache pool holds.
-    pub fn cache_bytes(&self) -> usize {
-        self.cache.slots() * self.cache.bytes_per_slot()
-    }
 }
 
 impl ModelExecutor for PagedExecutor<'_> {

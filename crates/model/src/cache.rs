@@ -134,22 +134,6 @@ impl PagedCache {
         self.slots
     }
 
-    /// Bytes one token slot takes over all layers.
-    pub fn bytes_per_slot(&self) -> usize {
-        (self.widths.0 + self.widths.1) * self.layers.len() * std::mem::size_of::<f32>()
-    }
-
-    /// Copies the rows of `from` slots into `to` slots in every layer (copy-on-write of a shared block).
-    pub fn copy_slots(&mut self, from: &[usize], to: &[usize]) {
-        let (wa, wb) = self.widths;
-        for (a, b) in &mut self.layers {
-            for (&f, &t) in from.iter().zip(to) {
-                a.copy_within(f * wa..(f + 1) * wa, t * wa);
-                b.copy_within(f * wb..(f + 1) * wb, t * wb);
-            }
-        }
-    }
-
     /// A view for one forward pass: `slot_tables[i]` maps sequence i's positions to slots.
     pub fn batch<'a>(&'a mut self, slot_tables: Vec<&'a [usize]>) -> PagedBatch<'a> {
         PagedBatch {
