@@ -106,6 +106,28 @@ impl KvStore for Cache {
     }
 }
 
+/// No cache at all: every sequence is fed whole from position 0 and attends to exactly the rows it
+/// brings. For training and scoring, where keeping rows would only cost memory (and the rows stay
+/// differentiable).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Uncached;
+
+impl KvStore for Uncached {
+    fn store(
+        &mut self,
+        _seq: usize,
+        _layer: usize,
+        start: usize,
+        a: &Tensor,
+        b: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        if start != 0 {
+            return Err(ModelError::UncachedContinuation { start });
+        }
+        Ok((a.clone(), b.clone()))
+    }
+}
+
 /// A pool of token slots shared by many sequences: per layer, two (slots, width) row arrays.
 #[derive(Debug, Clone)]
 pub struct PagedCache {

@@ -48,6 +48,10 @@ pub enum ModelError {
     EmptyInput,
     #[error("{needed} tokens do not fit in the context of {context} tokens")]
     ContextOverflow { needed: usize, context: usize },
+    #[error(
+        "a segment starts at position {start}, but an uncached forward pass feeds whole sequences from position 0"
+    )]
+    UncachedContinuation { start: usize },
     #[error("token id {id} is outside the vocabulary of {vocab_size}")]
     TokenOutOfRange { id: u32, vocab_size: usize },
     #[error(transparent)]

@@ -17,7 +17,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-pub use cache::{Cache, KvStore, PagedBatch, PagedCache};
+pub use cache::{Cache, KvStore, PagedBatch, PagedCache, Uncached};
 pub use config::ModelConfig;
 pub use deepseek::mla::MlaPath;
 pub use error::{ModelError, Result};
@@ -125,6 +125,14 @@ impl Model {
     /// The DeepSeek model inside, if this is one (for MLA-path selection and MTP access).
     pub fn as_deepseek_mut(&mut self) -> Option<&mut deepseek::DeepSeek> {
         match &mut self.arch {
+            Architecture::DeepSeek(m) => Some(m),
+            Architecture::Llama(_) => None,
+        }
+    }
+
+    /// The DeepSeek model inside, if this is one (for the training forward pass).
+    pub fn as_deepseek(&self) -> Option<&deepseek::DeepSeek> {
+        match &self.arch {
             Architecture::DeepSeek(m) => Some(m),
             Architecture::Llama(_) => None,
         }

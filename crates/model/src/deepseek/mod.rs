@@ -9,14 +9,15 @@ pub mod moe;
 
 use candle_core::Tensor;
 
-use crate::Segment;
-use crate::cache::{Cache, KvStore};
+use crate::cache::{Cache, KvStore, Uncached};
 use crate::config::{DeepSeekConfig, FfnKind};
+use crate::error::ModelError;
 use crate::error::Result;
 use crate::nn::{Linear, Mlp, RmsNorm};
 use crate::weights::Weights;
+use crate::{Logits, Segment};
 use mla::{Mla, MlaPath};
-use moe::Moe;
+use moe::{Moe, RoutingTrace};
 
 /// The feed-forward half of a block.
 #[derive(Debug, Clone)]
@@ -57,7 +58,8 @@ impl Block {
         })
     }
 
-    /// (tokens, hidden) -> (tokens, hidden) for the concatenated tokens of `segments`.
+    /// (tokens, hidden) -> (tokens, hidden) for the concatenated tokens of `segments`, and the
+    /// routing of a MoE block.
     fn forward(
         &self,
         x: &Tensor,
@@ -65,35 +67,58 @@ impl Block {
         layer: usize,
         store: &mut dyn KvStore,
         path: MlaPath,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<RoutingTrace>)> {
         let attn = self
             .attn
             .forward(&self.attn_norm.forward(x)?, segments, layer, store, path)?;
         let x = (x + attn)?;
         let h = self.ffn_norm.forward(&x)?;
-        let ffn = match &self.ffn {
-            FeedForward::Dense(mlp) => mlp.forward(&h)?,
-            FeedForward::Moe(moe) => moe.forward(&h)?,
+        let (ffn, trace) = match &self.ffn {
+            FeedForward::Dense(mlp) => (mlp.forward(&h)?, None),
+            FeedForward::Moe(moe) => {
+                let (y, trace) = moe.forward_traced(&h)?;
+                (y, Some(trace))
+            }
         };
-        Ok((x + ffn)?)
+        Ok(((x + ffn)?, trace))
     }
 }
 
-/// One multi-token-prediction module (V3 paper 2.2): predicts the token after next from the main
-/// model's hidden state and the next token's embedding. Loaded so checkpoints round-trip and
-/// speculative decoding can use it.
+/// One multi-token-prediction module (V3 paper 2.2.2): predicts the token `k + 1` ahead from the
+/// previous depth's hidden state and the embedding of the token `k` ahead. Inputs are combined as
+/// the released weights expect (vLLM's and SGLang's `DeepSeekMTP`): `eh_proj([enorm(emb); hnorm(h)])`,
+/// where depth 1 receives the main model's final-normed hidden state and deeper modules the
+/// previous module's block output. The embedding is the layer's own `embed_tokens` where stored
+/// (as in the released checkpoints, equal to the main one), else the main model's.
 #[derive(Debug, Clone)]
 pub struct MtpLayer {
+    /// (vocab, hidden) embedding of the token k ahead.
+    pub embed: Tensor,
     /// Normalizes the next token's embedding.
     pub enorm: RmsNorm,
     /// Normalizes the previous depth's hidden state.
     pub hnorm: RmsNorm,
     /// (hidden, 2 * hidden): projects [embedding; hidden] back to hidden.
     pub eh_proj: Linear,
+    /// A decoder block like the main model's.
     pub block: Block,
+    /// The shared head's norm.
     pub head_norm: RmsNorm,
     /// (vocab, hidden), the main output head in the released checkpoints.
     pub head: Linear,
+}
+
+/// What [`DeepSeek::forward_train`] computes for a batch of whole sequences.
+#[derive(Debug, Clone)]
+pub struct TrainOutput {
+    /// Next-token logits at every position of the concatenated sequences. `// (tokens, vocab)`
+    pub logits: Tensor,
+    /// Per MTP depth k (index k - 1): logits for the token k + 1 ahead at every position i with
+    /// i + k < len, sequence by sequence. `// (positions, vocab)`
+    pub mtp_logits: Vec<Tensor>,
+    /// Every MoE layer's routing, with the layer's index in the checkpoint (MTP layers follow the
+    /// main ones).
+    pub routing: Vec<(usize, RoutingTrace)>,
 }
 
 /// A DeepSeek-V2/V3 causal language model.
@@ -136,6 +161,11 @@ impl DeepSeek {
             .map(|k| {
                 let l = model.pp(format!("layers.{}", cfg.num_hidden_layers + k));
                 Ok(MtpLayer {
+                    embed: if l.contains("embed_tokens.weight") {
+                        l.get("embed_tokens.weight", &[vocab, hidden])?
+                    } else {
+                        embed.clone()
+                    },
                     enorm: RmsNorm::load(&l.pp("enorm"), hidden, cfg.rms_norm_eps)?,
                     hnorm: RmsNorm::load(&l.pp("hnorm"), hidden, cfg.rms_norm_eps)?,
                     eh_proj: Linear::load(&l.pp("eh_proj"), 2 * hidden, hidden, false)?,
@@ -199,9 +229,101 @@ impl DeepSeek {
     ) -> Result<Tensor> {
         let mut x = self.embed.index_select(tokens, 0)?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, segments, layer, store, self.path)?;
+            x = block.forward(&x, segments, layer, store, self.path)?.0;
         }
         self.norm.forward(&x)
+    }
+
+    /// The training forward pass over whole sequences (no cache): next-token logits at every
+    /// position, each MTP depth's logits, and every MoE layer's routing. All differentiable.
+    pub fn forward_train(&self, sequences: &[&[u32]]) -> Result<TrainOutput> {
+        let device = self.embed.device();
+        let ids: Vec<u32> = sequences.iter().flat_map(|s| s.iter().copied()).collect();
+        if sequences.iter().any(|s| s.is_empty()) || ids.is_empty() {
+            return Err(ModelError::EmptyInput);
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::TokenOutOfRange {
+                id,
+                vocab_size: self.cfg.vocab_size,
+            });
+        }
+        let segments: Vec<Segment> = sequences
+            .iter()
+            .map(|tokens| Segment {
+                tokens,
+                start: 0,
+                logits: Some(Logits::All),
+            })
+            .collect();
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(ids.as_slice(), device)?, 0)?;
+        let mut routing = Vec::new();
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let (y, trace) = block.forward(&x, &segments, layer, &mut Uncached, MlaPath::Naive)?;
+            routing.extend(trace.map(|t| (layer, t)));
+            x = y;
+        }
+        let hidden = self.norm.forward(&x)?;
+        let logits = self.lm_head.forward(&hidden)?;
+
+        // Depth k sees position i of each sequence (i + k < len) with the token at i + k.
+        let mut mtp_logits = Vec::with_capacity(self.mtp.len());
+        let mut previous = hidden;
+        let mut lens: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
+        for (depth, mtp) in self.mtp.iter().enumerate() {
+            let k = depth + 1;
+            // Rows of `previous` to keep (each sequence loses its last position) and the tokens k ahead.
+            let mut keep = Vec::new();
+            let mut ahead = Vec::new();
+            let mut offset = 0;
+            for (seq, &len) in sequences.iter().zip(&lens) {
+                if len > 1 {
+                    keep.extend((offset..offset + len - 1).map(|r| r as u32));
+                    ahead.extend_from_slice(&seq[k..k + len - 1]);
+                }
+                offset += len;
+            }
+            lens.iter_mut().for_each(|l| *l = l.saturating_sub(1));
+            if keep.is_empty() {
+                break;
+            }
+            let h = previous.index_select(&Tensor::new(keep.as_slice(), device)?, 0)?;
+            let e = mtp
+                .embed
+                .index_select(&Tensor::new(ahead.as_slice(), device)?, 0)?;
+            let x = mtp.eh_proj.forward(&Tensor::cat(
+                &[mtp.enorm.forward(&e)?, mtp.hnorm.forward(&h)?],
+                1,
+            )?)?;
+            let shifted: Vec<&[u32]> = sequences
+                .iter()
+                .zip(&lens)
+                .filter(|(_, len)| **len > 0)
+                .map(|(s, &len)| &s[k..k + len])
+                .collect();
+            let segments: Vec<Segment> = shifted
+                .iter()
+                .map(|tokens| Segment {
+                    tokens,
+                    start: 0,
+                    logits: Some(Logits::All),
+                })
+                .collect();
+            let layer = self.blocks.len() + depth;
+            let (y, trace) =
+                mtp.block
+                    .forward(&x, &segments, layer, &mut Uncached, MlaPath::Naive)?;
+            routing.extend(trace.map(|t| (layer, t)));
+            mtp_logits.push(mtp.head.forward(&mtp.head_norm.forward(&y)?)?);
+            previous = y;
+        }
+        Ok(TrainOutput {
+            logits,
+            mtp_logits,
+            routing,
+        })
     }
 
     /// (seq, hidden) -> (seq, vocab)

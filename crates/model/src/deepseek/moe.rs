@@ -217,6 +217,11 @@ impl Moe {
     /// Experts are chosen by [`Router::route`]; their weights are recomputed from the scores as
     /// tensor ops, so the router's weight receives gradients in training.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_traced(x)?.0)
+    }
+
+    /// [`Moe::forward`] that also returns how the tokens were routed, for load balancing in training.
+    pub fn forward_traced(&self, x: &Tensor) -> Result<(Tensor, RoutingTrace)> {
         let logits = x.matmul(&self.gate.t()?)?; // (tokens, experts)
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         let top_k = self.router.top_k;
@@ -231,8 +236,10 @@ impl Moe {
                 per_expert[expert].1.push((token * top_k + slot) as u32);
             }
         }
+        let trace_chosen = chosen.clone();
         let chosen = Tensor::from_vec(chosen, (rows.len(), top_k), x.device())?;
-        let scores = self.router.scores(&logits)?.gather(&chosen, 1)?; // (tokens, top_k)
+        let all_scores = self.router.scores(&logits)?; // (tokens, experts)
+        let scores = all_scores.gather(&chosen, 1)?; // (tokens, top_k)
         let weights = self.router.weights(&scores)?.flatten_all()?;
         let mut out = match &self.shared {
             Some(shared) => shared.forward(x)?,
@@ -251,6 +258,24 @@ impl Moe {
                 .broadcast_mul(&weight)?;
             out = out.index_add(&index, &y, 0)?;
         }
-        Ok(out)
+        Ok((
+            out,
+            RoutingTrace {
+                scores: all_scores,
+                chosen: trace_chosen,
+                top_k,
+            },
+        ))
     }
+}
+
+/// How one MoE layer routed a batch of tokens: what balancing needs (DeepSeek-V3 2.1.2).
+#[derive(Debug, Clone)]
+pub struct RoutingTrace {
+    /// Unbiased affinities `s_{i,t}`, differentiable. `// (tokens, experts)`
+    pub scores: Tensor,
+    /// Chosen experts, `top_k` per token, token-major (selected with the correction bias).
+    pub chosen: Vec<u32>,
+    /// Experts per token.
+    pub top_k: usize,
 }
