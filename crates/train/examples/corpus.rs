@@ -17,9 +17,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for kind in [ItemKind::Direct, ItemKind::Scratchpad, ItemKind::Flawed] {
         for d in docs.iter().filter(|d| d.kind == kind).take(2) {
             println!(
-                "--- {kind:?} (true answer {})\n{}\n",
+                "--- {kind:?} (true answer {})\nuser: {}\nassistant: {}\n",
                 d.problem.answer(),
-                d.text()
+                d.prompt,
+                d.completion
             );
         }
     }

@@ -1,9 +1,16 @@
-//! The model-independent parts of training tiefsee's small DeepSeek models, R1-Zero style: a verifiable
-//! arithmetic task and its pretraining corpus ([`task`]), rule-based rewards ([`rewards`]), the GRPO
-//! objective with its DAPO and Dr. GRPO options ([`grpo`]), and DeepSeek-V3 MoE load balancing ([`balance`]).
-//! Nothing here loads a model; the training loop feeds these functions log-probabilities and routing counts.
+//! Training tiefsee's small DeepSeek models, R1-Zero style: a verifiable arithmetic task and its
+//! pretraining corpus ([`task`]), pretraining with MTP and DeepSeek-V3 load balancing
+//! ([`pretrain`], [`balance`]), rule-based rewards ([`rewards`]), GRPO with its DAPO and Dr. GRPO
+//! options ([`grpo`], [`rl`]), and held-out evaluation ([`eval`]).
 
 pub mod balance;
+pub mod config;
+pub mod error;
 pub mod grpo;
+pub mod optim;
+pub mod params;
 pub mod rewards;
 pub mod task;
+pub mod vocab;
+
+pub use error::{Result, TrainError};

@@ -1,10 +1,10 @@
 //! The verifiable reasoning task: multi-digit addition, subtraction and multiplication, where a written-out
 //! scratchpad helps a small model and answering directly often fails (the R1-Zero setting in miniature).
 //!
-//! Text format, the same for pretraining and RL (the engine and model never see it; a tokenizer does):
+//! Text format, the same for pretraining and RL (the chat template wraps the prompt as the user turn):
 //!
 //! ```text
-//! Problem: 345+789=?\n                         <- prompt
+//! 345+789                                                               <- prompt (user message)
 //! <think>5+9+0=14 write 4 carry 1\n…\n= 1134</think><answer>1134</answer>   <- completion
 //! ```
 //!
@@ -124,9 +124,14 @@ impl Problem {
         }
     }
 
-    /// The prompt the model is conditioned on, e.g. `Problem: 345+789=?\n`.
+    /// The prompt (the user's message), e.g. `345+789`.
     pub fn prompt(&self) -> String {
-        format!("Problem: {}{}{}=?\n", self.a, self.op.symbol(), self.b)
+        format!("{}{}{}", self.a, self.op.symbol(), self.b)
+    }
+
+    /// Most digits of either operand: the difficulty level reported by evaluation.
+    pub fn digits(&self) -> usize {
+        self.a.max(self.b).to_string().len()
     }
 
     /// The split this problem belongs to, given the held-out share in percent (0..=100).
@@ -508,17 +513,10 @@ pub struct Example {
     pub problem: Problem,
     /// Which kind of completion follows.
     pub kind: ItemKind,
-    /// `Problem: a+b=?\n`.
+    /// The user's message, `a+b`.
     pub prompt: String,
     /// `<think>…</think><answer>…</answer>`.
     pub completion: String,
-}
-
-impl Example {
-    /// The whole document: prompt then completion.
-    pub fn text(&self) -> String {
-        format!("{}{}", self.prompt, self.completion)
-    }
 }
 
 /// The completion text for a thought and an answer.
@@ -793,12 +791,12 @@ mod tests {
                 crate::rewards::format_reward(&d.completion),
                 1.0,
                 "{}",
-                d.text()
+                d.completion
             );
             let right =
                 crate::rewards::accuracy_reward(&d.completion, &d.problem.answer().to_string());
-            assert_eq!(right == 1.0, d.kind != ItemKind::Flawed, "{}", d.text());
-            assert!(d.text().starts_with("Problem: ") && d.prompt.ends_with("=?\n"));
+            assert_eq!(right == 1.0, d.kind != ItemKind::Flawed, "{}", d.completion);
+            assert_eq!(d.prompt, d.problem.prompt());
         }
         let only_direct = corpus(
             &cfg,
