@@ -5,10 +5,12 @@
 
 mod chat;
 mod common;
+mod eval;
 mod info;
 mod perplexity;
 mod run;
 mod serve;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +37,11 @@ enum Command {
     Info(info::InfoArgs),
     /// OpenAI- and DeepSeek-compatible HTTP API with continuous batching.
     Serve(serve::ServeArgs),
+    /// Train a small DeepSeek model: pretraining, then GRPO.
+    #[command(subcommand)]
+    Train(train::TrainCommand),
+    /// Held-out accuracy of a trained model on its task.
+    Eval(eval::EvalArgs),
 }
 
 /// The checkpoint used when `--model` is not given.
@@ -69,6 +76,8 @@ fn main() -> ExitCode {
         Command::Perplexity(args) => perplexity::perplexity(args),
         Command::Info(args) => info::info(args),
         Command::Serve(args) => serve::serve(args),
+        Command::Train(command) => train::train(command),
+        Command::Eval(args) => eval::eval(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

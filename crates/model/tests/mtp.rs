@@ -51,7 +51,7 @@ fn mtp_logits_match_the_reference() {
     let model = Model::load(&dir, &Device::Cpu).expect("load");
     let deepseek = model.as_deepseek().expect("a DeepSeek model");
     assert_eq!(deepseek.mtp_layers().len(), 1);
-    let out = deepseek.forward_train(&[&ids]).expect("forward");
+    let out = deepseek.forward_train(&[&ids], true).expect("forward");
     assert_eq!(out.mtp_logits.len(), 1);
     let err = relative_error(&out.mtp_logits[0], &golden["mtp_logits"]);
     println!("MTP logits: max |diff| / std = {err:.2e}");
@@ -67,7 +67,7 @@ fn training_forward_equals_inference_forward() {
     let train = model
         .as_deepseek()
         .unwrap()
-        .forward_train(&[&a, &b])
+        .forward_train(&[&a, &b], true)
         .expect("train forward");
     for (offset, seq) in [(0, &a), (a.len(), &b)] {
         let mut cache = model.new_cache(None);

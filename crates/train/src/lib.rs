@@ -4,12 +4,17 @@
 //! options ([`grpo`], [`rl`]), and held-out evaluation ([`eval`]).
 
 pub mod balance;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod grpo;
 pub mod optim;
 pub mod params;
+pub mod pretrain;
 pub mod rewards;
+pub mod rl;
+pub mod rollout;
 pub mod task;
 pub mod vocab;
 

@@ -235,8 +235,9 @@ impl DeepSeek {
     }
 
     /// The training forward pass over whole sequences (no cache): next-token logits at every
-    /// position, each MTP depth's logits, and every MoE layer's routing. All differentiable.
-    pub fn forward_train(&self, sequences: &[&[u32]]) -> Result<TrainOutput> {
+    /// position, each MTP depth's logits (when `with_mtp`), and every MoE layer's routing. All
+    /// differentiable.
+    pub fn forward_train(&self, sequences: &[&[u32]], with_mtp: bool) -> Result<TrainOutput> {
         let device = self.embed.device();
         let ids: Vec<u32> = sequences.iter().flat_map(|s| s.iter().copied()).collect();
         if sequences.iter().any(|s| s.is_empty()) || ids.is_empty() {
@@ -272,7 +273,8 @@ impl DeepSeek {
         let mut mtp_logits = Vec::with_capacity(self.mtp.len());
         let mut previous = hidden;
         let mut lens: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
-        for (depth, mtp) in self.mtp.iter().enumerate() {
+        let depths = if with_mtp { self.mtp.len() } else { 0 };
+        for (depth, mtp) in self.mtp.iter().take(depths).enumerate() {
             let k = depth + 1;
             // Rows of `previous` to keep (each sequence loses its last position) and the tokens k ahead.
             let mut keep = Vec::new();
