@@ -68,11 +68,17 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let pct = |x: f64| format!("{:.1}%", 100.0 * x);
-    println!("task {} ({} held-out problems)", report.task, report.problems);
+    println!(
+        "task {} ({} held-out problems)",
+        report.task, report.problems
+    );
     println!("greedy accuracy   {}", pct(report.accuracy));
     println!("well formatted    {}", pct(report.format));
     println!("thinks            {}", pct(report.thinking));
-    println!("mean length       {:.1} tokens", report.mean_completion_tokens);
+    println!(
+        "mean length       {:.1} tokens",
+        report.mean_completion_tokens
+    );
     if let (Some(p1), Some(pk), Some(mk)) = (report.pass_at_1, report.pass_at_k, report.maj_at_k) {
         let k = report.k;
         println!("pass@1 (k={k})     {}", pct(p1));

@@ -78,7 +78,11 @@ pub fn train(command: TrainCommand) -> anyhow::Result<()> {
             let report = tiefsee_train::pretrain::pretrain(&cfg, &args.out, &stop, !args.quiet)?;
             eprintln!(
                 "{} after {} of {} steps: loss {:.4}, MFU {:.1}% of this machine's measured f32 matmul rate; checkpoint {}",
-                if report.interrupted { "stopped" } else { "done" },
+                if report.interrupted {
+                    "stopped"
+                } else {
+                    "done"
+                },
                 report.steps,
                 cfg.steps,
                 report.loss,
@@ -93,12 +97,15 @@ pub fn train(command: TrainCommand) -> anyhow::Result<()> {
                 cfg.seed = seed;
             }
             let stop = stop_flag()?;
-            let report =
-                tiefsee_train::rl::grpo(&args.model, &cfg, &args.out, &stop, !args.quiet)?;
+            let report = tiefsee_train::rl::grpo(&args.model, &cfg, &args.out, &stop, !args.quiet)?;
             let pct = |a: Option<f64>| a.map_or("-".to_string(), |a| format!("{:.1}%", 100.0 * a));
             eprintln!(
                 "{} after {} of {} steps: held-out greedy accuracy {} at the start, {} now; checkpoint {}",
-                if report.interrupted { "stopped" } else { "done" },
+                if report.interrupted {
+                    "stopped"
+                } else {
+                    "done"
+                },
                 report.steps,
                 cfg.steps,
                 pct(report.eval_start),

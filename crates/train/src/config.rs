@@ -124,14 +124,21 @@ impl OptimSpec {
             }
         }
         if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
-            return Err(bad(prefix, "min_lr", format!("= {} must be in 0..=lr", self.min_lr)));
+            return Err(bad(
+                prefix,
+                "min_lr",
+                format!("= {} must be in 0..=lr", self.min_lr),
+            ));
         }
         for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&v) {
                 return Err(bad(prefix, name, format!("= {v} must be in [0, 1)")));
             }
         }
-        for (name, v) in [("weight_decay", self.weight_decay), ("grad_clip", self.grad_clip)] {
+        for (name, v) in [
+            ("weight_decay", self.weight_decay),
+            ("grad_clip", self.grad_clip),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(bad(prefix, name, format!("= {v} must be at least 0")));
             }
@@ -297,22 +304,46 @@ impl GrpoRunConfig {
             }
         }
         if self.group_size < 2 {
-            return Err(bad("", "group_size", format!("= {} must be at least 2", self.group_size)));
+            return Err(bad(
+                "",
+                "group_size",
+                format!("= {} must be at least 2", self.group_size),
+            ));
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return Err(bad("", "temperature", format!("= {} must be positive", self.temperature)));
+            return Err(bad(
+                "",
+                "temperature",
+                format!("= {} must be positive", self.temperature),
+            ));
         }
         if !(self.clip_low > 0.0 && self.clip_low < 1.0) {
-            return Err(bad("", "clip_low", format!("= {} must be in (0, 1)", self.clip_low)));
+            return Err(bad(
+                "",
+                "clip_low",
+                format!("= {} must be in (0, 1)", self.clip_low),
+            ));
         }
         if !(self.clip_high.is_finite() && self.clip_high > 0.0) {
-            return Err(bad("", "clip_high", format!("= {} must be positive", self.clip_high)));
+            return Err(bad(
+                "",
+                "clip_high",
+                format!("= {} must be positive", self.clip_high),
+            ));
         }
         if !(self.beta.is_finite() && self.beta >= 0.0) {
-            return Err(bad("", "beta", format!("= {} must be at least 0", self.beta)));
+            return Err(bad(
+                "",
+                "beta",
+                format!("= {} must be at least 0", self.beta),
+            ));
         }
         if !(self.format_weight.is_finite() && self.format_weight >= 0.0) {
-            return Err(bad("", "format_weight", format!("= {} must be at least 0", self.format_weight)));
+            return Err(bad(
+                "",
+                "format_weight",
+                format!("= {} must be at least 0", self.format_weight),
+            ));
         }
         self.optim.validate("optim.")
     }

@@ -247,7 +247,9 @@ mod tests {
 
     #[test]
     fn thinking_is_any_thought_but_the_direct_one() {
-        assert!(thinks("<think>1+2+0=3 write 3 carry 0\n= 3</think><answer>3</answer>"));
+        assert!(thinks(
+            "<think>1+2+0=3 write 3 carry 0\n= 3</think><answer>3</answer>"
+        ));
         assert!(!thinks("<think>Answer directly.</think><answer>3</answer>"));
         assert!(!thinks("<think> </think><answer>3</answer>"));
         assert!(!thinks("<answer>3</answer>"));

@@ -113,7 +113,11 @@ impl AdamW {
             .first
             .iter()
             .map(|(n, t)| (format!("m.{n}"), t.clone()))
-            .chain(self.second.iter().map(|(n, t)| (format!("v.{n}"), t.clone())))
+            .chain(
+                self.second
+                    .iter()
+                    .map(|(n, t)| (format!("v.{n}"), t.clone())),
+            )
             .collect();
         candle_core::safetensors::save(&tensors, path).map_err(|e| TrainError::Io {
             path: path.to_path_buf(),
@@ -197,7 +201,10 @@ mod tests {
         }
         let got: Vec<Vec<f32>> = var.as_tensor().to_vec2().unwrap();
         for i in 0..2 {
-            assert!((f64::from(got[0][i]) - p[i]).abs() < 1e-6, "{got:?} vs {p:?}");
+            assert!(
+                (f64::from(got[0][i]) - p[i]).abs() < 1e-6,
+                "{got:?} vs {p:?}"
+            );
         }
     }
 

@@ -207,7 +207,10 @@ pub fn parameter_shapes(cfg: &DeepSeekConfig) -> Vec<(String, Vec<usize>)> {
             "self_attn.kv_b_proj.weight",
             vec![heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), rank],
         );
-        add("self_attn.o_proj.weight", vec![hidden, heads * cfg.v_head_dim]);
+        add(
+            "self_attn.o_proj.weight",
+            vec![hidden, heads * cfg.v_head_dim],
+        );
         let mut mlp = |prefix: &str, inter: usize| {
             add(&format!("{prefix}.gate_proj.weight"), vec![inter, hidden]);
             add(&format!("{prefix}.up_proj.weight"), vec![inter, hidden]);
@@ -225,7 +228,10 @@ pub fn parameter_shapes(cfg: &DeepSeekConfig) -> Vec<(String, Vec<usize>)> {
                 }
                 add("mlp.gate.weight", vec![cfg.n_routed_experts, hidden]);
                 if cfg.topk_method == tiefsee_model::config::TopkMethod::NoauxTc {
-                    add(&format!("mlp.gate.{BIAS_SUFFIX}"), vec![cfg.n_routed_experts]);
+                    add(
+                        &format!("mlp.gate.{BIAS_SUFFIX}"),
+                        vec![cfg.n_routed_experts],
+                    );
                 }
             }
         }

@@ -43,8 +43,8 @@ pub fn document_ids(tokenizer: &Tokenizer, example: &Example, eos: u32) -> Resul
 
 /// The documents of pretraining step `step`: a function of the seed and the step only.
 pub fn batch(cfg: &PretrainConfig, step: usize) -> Result<Vec<Example>> {
-    let seed = SplitMix64::new(cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        .next_u64();
+    let seed =
+        SplitMix64::new(cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64();
     Ok(corpus(
         &cfg.task.task_config()?,
         &cfg.corpus.into(),
@@ -245,7 +245,9 @@ pub fn forward_flops_per_token(cfg: &DeepSeekConfig, mean_len: f64) -> f64 {
         }
     };
     let layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers;
-    let blocks: f64 = (0..layers).map(|l| attn_weights + attn_scores + ffn(l)).sum();
+    let blocks: f64 = (0..layers)
+        .map(|l| attn_weights + attn_scores + ffn(l))
+        .sum();
     let heads_out = h * cfg.vocab_size as f64 * (1 + cfg.num_nextn_predict_layers) as f64;
     let mtp_proj = 2.0 * h * h * cfg.num_nextn_predict_layers as f64;
     2.0 * (blocks + heads_out + mtp_proj)

@@ -98,8 +98,8 @@ fn padded(rows: &[Tensor], max_len: usize) -> Result<(Tensor, Tensor)> {
 
 /// The training prompts of step `step`: a function of the seed and the step only.
 fn step_problems(task: &TaskSpec, cfg: &GrpoRunConfig, step: usize) -> Result<Vec<Problem>> {
-    let seed = SplitMix64::new(cfg.seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407))
-        .next_u64();
+    let seed =
+        SplitMix64::new(cfg.seed ^ (step as u64).wrapping_mul(0xA24B_AED4_963E_E407)).next_u64();
     let mut generator = Generator::new(task.task_config()?, seed)?;
     (0..cfg.prompts_per_step)
         .map(|_| Ok(generator.sample(Split::Train)?))
@@ -197,7 +197,8 @@ pub fn grpo(
                     temperature: cfg.temperature,
                     top_p: 1.0,
                     seed: cfg.seed
-                        ^ ((step * 1_000_003 + i * g + j) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                        ^ ((step * 1_000_003 + i * g + j) as u64)
+                            .wrapping_mul(0x9E37_79B9_7F4A_7C15),
                     ..SamplingParams::default()
                 });
             }
@@ -265,8 +266,7 @@ pub fn grpo(
             };
             let advantages_t = Tensor::from_vec(adv.clone(), adv.len(), &Device::Cpu)?;
             for update in 0..cfg.updates_per_batch {
-                let (rows, batch_entropy) =
-                    completion_logprobs(&params, &batch_prompts, &actions)?;
+                let (rows, batch_entropy) = completion_logprobs(&params, &batch_prompts, &actions)?;
                 if update == 0 {
                     entropy = batch_entropy;
                 }
@@ -348,8 +348,10 @@ pub fn grpo(
             String::new()
         };
         let n = samples.len() as f64;
-        let mean = |f: &dyn Fn(&Rewards) -> f32| scored.iter().map(|r| f64::from(f(r))).sum::<f64>() / n;
-        let zero_share = zero_variance.iter().filter(|&&z| z).count() as f64 / problems.len() as f64;
+        let mean =
+            |f: &dyn Fn(&Rewards) -> f32| scored.iter().map(|r| f64::from(f(r))).sum::<f64>() / n;
+        let zero_share =
+            zero_variance.iter().filter(|&&z| z).count() as f64 / problems.len() as f64;
         writeln!(
             csv,
             "{step},{lr:.6e},{:.4},{:.4},{:.4},{:.2},{:.4},{kl:.6},{clip_fraction:.4},{zero_share:.4},{entropy:.4},{loss_value:.6},{grad_norm:.4},{:.2},{eval_accuracy}",

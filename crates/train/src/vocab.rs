@@ -139,7 +139,10 @@ mod tests {
             .collect();
         assert_eq!(tags, vec![260, 261, 262, 263]);
         assert_eq!(ids.iter().filter(|i| tags.contains(i)).count(), 4);
-        assert_eq!(ids.len(), 4 + text.len() - "<think></think><answer></answer>".len());
+        assert_eq!(
+            ids.len(),
+            4 + text.len() - "<think></think><answer></answer>".len()
+        );
         assert_eq!(tok.decode(&ids, false).expect("decode"), text);
         assert_eq!(ids[..3], [b'3' as u32, b'4' as u32, b'5' as u32]);
     }
@@ -164,7 +167,10 @@ mod tests {
             "<｜begin▁of▁sentence｜><｜User｜>1+2<｜Assistant｜><answer>3</answer><｜end▁of▁sentence｜><｜User｜>2+2<｜Assistant｜><think>"
         );
         let ids = tok.apply_chat_template(&messages[..1], true).expect("ids");
-        assert_eq!(ids, vec![BOS_ID, 258, b'1' as u32, b'+' as u32, b'2' as u32, 259, 260]);
+        assert_eq!(
+            ids,
+            vec![BOS_ID, 258, b'1' as u32, b'+' as u32, b'2' as u32, 259, 260]
+        );
         assert_eq!(tok.eos_ids(), &[EOS_ID]);
     }
 }
