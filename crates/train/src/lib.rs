@@ -11,6 +11,7 @@ pub mod eval;
 pub mod grpo;
 pub mod optim;
 pub mod params;
+pub mod plot;
 pub mod pretrain;
 pub mod rewards;
 pub mod rl;

@@ -21,6 +21,7 @@ use crate::config::PretrainConfig;
 use crate::error::{Result, TrainError};
 use crate::optim::{AdamW, clipped_gradients, learning_rate};
 use crate::params::{BIAS_SUFFIX, Params};
+use crate::plot::Panel;
 use crate::task::{Example, SplitMix64, corpus};
 
 /// The token ids of a prompt as the chat template presents it, ending in the opened `<think>`.
@@ -433,6 +434,21 @@ pub fn pretrain(
         }
     }
     progress.finish_and_clear();
+    drop(csv);
+    crate::plot::plot_csv(
+        &csv_path,
+        &out.join("metrics.png"),
+        &[
+            Panel {
+                title: "loss",
+                columns: &["ce", "mtp", "loss"],
+            },
+            Panel {
+                title: "tokens/s",
+                columns: &["tokens_per_s"],
+            },
+        ],
+    )?;
     Ok(PretrainReport {
         steps: step,
         loss: loss_value,

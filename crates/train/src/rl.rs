@@ -21,6 +21,7 @@ use crate::eval::{EvalOptions, completion_text, evaluate, thinks};
 use crate::grpo::{Rollout, TensorBatch, group_advantages, grpo_loss, grpo_loss_tensor};
 use crate::optim::{AdamW, clipped_gradients, learning_rate};
 use crate::params::Params;
+use crate::plot::Panel;
 use crate::pretrain::{open_log, progress_bar, prompt_ids};
 use crate::rewards::Rewards;
 use crate::rollout::generate;
@@ -396,6 +397,29 @@ pub fn grpo(
         }
     }
     progress.finish_and_clear();
+    drop(csv);
+    crate::plot::plot_csv(
+        &csv_path,
+        &out.join("metrics.png"),
+        &[
+            Panel {
+                title: "reward and accuracy",
+                columns: &["reward", "accuracy_reward", "format_reward", "eval_accuracy"],
+            },
+            Panel {
+                title: "completion length (tokens)",
+                columns: &["completion_tokens"],
+            },
+            Panel {
+                title: "share thinking, clip fraction, zero-variance groups",
+                columns: &["thinking", "clip_fraction", "zero_variance_groups"],
+            },
+            Panel {
+                title: "KL and entropy",
+                columns: &["kl", "entropy"],
+            },
+        ],
+    )?;
     Ok(GrpoReport {
         steps: step,
         interrupted,
