@@ -19,12 +19,17 @@ pub struct Loaded {
     pub dir: PathBuf,
 }
 
-/// Loads the model and tokenizer of a checkpoint folder.
+/// Loads the model and tokenizer of a checkpoint folder or of a GGUF file (any file: a file that is
+/// not GGUF is reported as such).
 pub fn load(dir: &Path) -> anyhow::Result<Loaded> {
     let model = Model::load(dir, &Device::Cpu)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
-    let tokenizer = Tokenizer::from_dir(dir)
-        .with_context(|| format!("cannot load the tokenizer in {}", dir.display()))?;
+    let tokenizer = if dir.is_file() {
+        Tokenizer::from_gguf(dir)
+    } else {
+        Tokenizer::from_dir(dir)
+    }
+    .with_context(|| format!("cannot load the tokenizer in {}", dir.display()))?;
     Ok(Loaded {
         model,
         tokenizer,

@@ -8,7 +8,7 @@
 //!   GPT-2 byte-level mapping. llama.cpp applies no normalizer (Qwen2's tokenizer.json has NFC).
 //! - Token types (`tokenizer.ggml.token_type`): control tokens (3) become special added tokens and
 //!   user-defined tokens (4) plain added tokens, both matched in the text before BPE, as llama.cpp does with
-//!   special-token parsing on; unused (5) tokens keep their id but are never matched.
+//!   special-token parsing on; unused (5) ids are left out (never produced, decoded to nothing).
 //! - BOS is prepended when `tokenizer.ggml.add_bos_token` says so (llama.cpp's default for `llama-bpe` is
 //!   true, else false); EOS ids are llama.cpp's end-of-generation set: `eos`, `eot`, `eom` ids and the
 //!   tokens it recognizes by text (`<|im_end|>`, `<|eot_id|>`, ...).
@@ -221,6 +221,11 @@ pub fn read(file: &GgufFile) -> Result<GgufVocab> {
     let mut vocab = serde_json::Map::with_capacity(n);
     let mut added = Vec::new();
     for (id, (text, &ty)) in tokens.iter().zip(&types).enumerate() {
+        // Unused ids (the converter's `[PAD{id}]` fillers up to the model's vocabulary size) are left
+        // out: llama.cpp never produces them from text and decodes them to nothing.
+        if ty == TOKEN_UNUSED {
+            continue;
+        }
         vocab.entry(text.clone()).or_insert(json!(id));
         if ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED {
             added.push(json!({

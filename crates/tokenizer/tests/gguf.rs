@@ -141,3 +141,14 @@ fn deepseek_regexes_are_the_tokenizer_json_ones() {
         assert_eq!(regexes, splits, "{pre}");
     }
 }
+
+/// The converter pads the vocabulary to the model's size with unused `[PAD{id}]` tokens; llama.cpp
+/// decodes those ids to nothing, as the tokenizer.json (which lacks them) does.
+#[test]
+fn unused_padding_ids_decode_to_nothing() {
+    let tok = Tokenizer::from_gguf(fixtures().join("gguf-models/deepseek-v3.f16.gguf")).unwrap();
+    let hello = tok.encode("Hello", false).unwrap();
+    let with_pad = [hello.clone(), vec![702], hello].concat();
+    assert_eq!(tok.decode(&with_pad, false).unwrap(), "HelloHello");
+    assert!(!tok.encode("[PAD702]", false).unwrap().contains(&702));
+}
