@@ -19,12 +19,11 @@ pub struct Loaded {
     pub dir: PathBuf,
 }
 
-/// Loads the model and tokenizer of a checkpoint folder or of a GGUF file (any file: a file that is
-/// not GGUF is reported as such).
+/// Loads the model and tokenizer of a checkpoint folder or of a GGUF file.
 pub fn load(dir: &Path) -> anyhow::Result<Loaded> {
     let model = Model::load(dir, &Device::Cpu)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
-    let tokenizer = if dir.is_file() {
+    let tokenizer = if tiefsee_model::gguf::is_gguf(dir) {
         Tokenizer::from_gguf(dir)
     } else {
         Tokenizer::from_dir(dir)

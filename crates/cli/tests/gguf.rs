@@ -144,6 +144,16 @@ fn damaged_gguf_is_a_clear_error() {
     let out = tiefsee(&["info", "--model", not_gguf.to_str().unwrap()]);
     assert_fails_with(&out, &["config.json", "not a GGUF file"]);
 
+    let missing = tmp.path().join("missing.gguf");
+    let out = tiefsee(&[
+        "run",
+        "--model",
+        missing.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+    ]);
+    assert_fails_with(&out, &["missing.gguf", "No such file"]);
+
     // general.architecture = "qwen2" -> "mamba" would change the length; same-length "qwen9".
     let mut unknown = bytes.clone();
     let from = b"\x05\0\0\0\0\0\0\0qwen2";

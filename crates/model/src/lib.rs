@@ -85,7 +85,7 @@ impl Model {
     /// Loads a Hugging Face checkpoint folder (config.json and safetensors) or a GGUF file onto
     /// `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        if dir.is_file() {
+        if gguf::is_gguf(dir) {
             let (config, checkpoint) = gguf::open(dir, device)?;
             return Self::from_checkpoint(config, &checkpoint);
         }

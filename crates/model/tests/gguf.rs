@@ -271,3 +271,50 @@ fn bad_files_are_clear_errors() {
     let e = err(&path);
     assert!(e.to_string().contains("truncated.gguf"), "{e}");
 }
+
+/// Q8_0 files (the converter's own quantization; rows not divisible by 32 stay F16/F32): expert slabs
+/// are cut from the quantized bytes, so each must equal the same slab of the whole tensor dequantized,
+/// and the logits stay within 3e-2 of the spread of the checkpoint's (measured 1.5e-2 and 1.2e-2).
+#[test]
+fn q8_0_files_slice_quantized_experts_and_stay_close() {
+    let path = gguf("deepseek-v3.q8_0.gguf");
+    let file = tiefsee_gguf::GgufFile::open(&path).unwrap();
+    let stacked = file.tensor("blk.1.ffn_gate_exps.weight").unwrap();
+    assert_eq!(stacked.info.ggml_type(), tiefsee_gguf::GgmlType::Q8_0);
+    let shape = stacked.info.shape(); // (experts, moe_inter, hidden)
+    let whole = Tensor::from_vec(
+        stacked.dequantize().unwrap(),
+        shape.as_slice(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (_, checkpoint) = tiefsee_model::gguf::open(&path, &Device::Cpu).unwrap();
+    for e in 0..shape[0] {
+        let slab = checkpoint
+            .get(
+                &format!("model.layers.1.mlp.experts.{e}.gate_proj.weight"),
+                &shape[1..],
+            )
+            .unwrap();
+        let diff = (slab - whole.get(e).unwrap()).unwrap().abs().unwrap();
+        assert_eq!(
+            diff.max_all().unwrap().to_scalar::<f32>().unwrap(),
+            0.0,
+            "expert {e}"
+        );
+    }
+    for (file, variant, budget) in [
+        ("deepseek-v3.q8_0.gguf", "deepseek-v3", 3e-2),
+        ("qwen2.q8_0.gguf", "qwen2", 3e-2),
+    ] {
+        let reference = load(&root().join("models").join(variant));
+        let ids = prompt_ids(variant);
+        let model = load(&gguf(file));
+        let err = relative_error(&logits(&model, &ids), &logits(&reference, &ids));
+        eprintln!("{file}: logits within {err:.1e} of their spread");
+        assert!(
+            err < budget,
+            "{file}: logits differ by {err:e} of their spread"
+        );
+    }
+}

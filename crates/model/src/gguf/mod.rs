@@ -20,6 +20,12 @@ use crate::weights::Checkpoint;
 use config::{GgufArch, TensorFacts};
 use tensors::GgufTensors;
 
+/// Whether `path` names a GGUF file rather than a checkpoint folder: any file (one that is not GGUF is
+/// then reported as such), or a missing path ending in `.gguf` (reported as missing).
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file() || (!path.exists() && path.extension().is_some_and(|e| e == "gguf"))
+}
+
 /// Opens a GGUF model file: its configuration and its tensors under checkpoint names.
 pub fn open(path: &Path, device: &Device) -> Result<(ModelConfig, Checkpoint)> {
     let file = GgufFile::open(path)?;
