@@ -14,7 +14,7 @@ use crate::common::{self, SamplingArgs};
 
 #[derive(Args)]
 pub struct ChatArgs {
-    /// Checkpoint folder (models/mini-r1 by default).
+    /// Checkpoint folder or GGUF file (models/mini-r1 by default).
     #[arg(long)]
     model: Option<PathBuf>,
     /// System message that opens the conversation.

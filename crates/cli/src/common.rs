@@ -19,12 +19,16 @@ pub struct Loaded {
     pub dir: PathBuf,
 }
 
-/// Loads the model and tokenizer of a checkpoint folder.
+/// Loads the model and tokenizer of a checkpoint folder or of a GGUF file.
 pub fn load(dir: &Path) -> anyhow::Result<Loaded> {
     let model = Model::load(dir, &Device::Cpu)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
-    let tokenizer = Tokenizer::from_dir(dir)
-        .with_context(|| format!("cannot load the tokenizer in {}", dir.display()))?;
+    let tokenizer = if tiefsee_model::gguf::is_gguf(dir) {
+        Tokenizer::from_gguf(dir)
+    } else {
+        Tokenizer::from_dir(dir)
+    }
+    .with_context(|| format!("cannot load the tokenizer in {}", dir.display()))?;
     Ok(Loaded {
         model,
         tokenizer,

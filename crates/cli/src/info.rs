@@ -9,7 +9,7 @@ use tiefsee_model::Model;
 
 #[derive(Args)]
 pub struct InfoArgs {
-    /// Checkpoint folder (config.json + safetensors).
+    /// Checkpoint folder (config.json + safetensors) or GGUF file.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Print one JSON object instead of a table.

@@ -7,7 +7,7 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct PerplexityArgs {
-    /// Checkpoint folder.
+    /// Checkpoint folder or GGUF file.
     #[arg(long)]
     model: Option<PathBuf>,
     /// UTF-8 text file to score.

@@ -10,7 +10,7 @@ use crate::common::{self, SamplingArgs};
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Checkpoint folder (models/mini-r1 by default).
+    /// Checkpoint folder or GGUF file (models/mini-r1 by default).
     #[arg(long)]
     model: Option<PathBuf>,
     /// The prompt: a user message, or with --raw the text to continue.

@@ -9,7 +9,7 @@ use tiefsee_server::AppState;
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Checkpoint folder (models/mini-r1 by default).
+    /// Checkpoint folder or GGUF file (models/mini-r1 by default).
     #[arg(long)]
     model: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1")]

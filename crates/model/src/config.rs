@@ -143,6 +143,9 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: usize,
     },
+    /// One divisor per inverse frequency, as llama.cpp stores Llama 3.1's scaling (the `rope_freqs`
+    /// tensor of a GGUF file): `inv_freq[i] / factors[i]`.
+    Factors(Vec<f64>),
 }
 
 impl RopeScaling {

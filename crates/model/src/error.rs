@@ -44,6 +44,30 @@ pub enum ModelError {
         file: PathBuf,
         dtype: String,
     },
+    #[error(transparent)]
+    Gguf(#[from] tiefsee_gguf::GgufError),
+    #[error(
+        "{path}: GGUF architecture {arch:?} is not supported: tiefsee reads deepseek2, qwen2 and llama"
+    )]
+    UnsupportedGgufArchitecture { path: PathBuf, arch: String },
+    #[error("{path}: metadata {key} = {value} is not supported: {reason}")]
+    UnsupportedGgufValue {
+        path: PathBuf,
+        key: String,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("{path}: tensor {name:?} is not one tiefsee knows how to use for {arch}")]
+    UnknownGgufTensor {
+        path: PathBuf,
+        name: String,
+        arch: String,
+    },
+    #[error("{path}: its metadata gives an invalid configuration: {source}")]
+    GgufConfig {
+        path: PathBuf,
+        source: Box<ModelError>,
+    },
     #[error("the input is empty: at least one token is needed")]
     EmptyInput,
     #[error("{needed} tokens do not fit in the context of {context} tokens")]

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod config;
 pub mod deepseek;
 pub mod error;
+pub mod gguf;
 pub mod llama;
 pub mod nn;
 pub mod rope;
@@ -81,8 +82,13 @@ pub struct ModelInfo {
 }
 
 impl Model {
-    /// Loads a Hugging Face checkpoint folder (config.json and safetensors) onto `device`.
+    /// Loads a Hugging Face checkpoint folder (config.json and safetensors) or a GGUF file onto
+    /// `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if gguf::is_gguf(dir) {
+            let (config, checkpoint) = gguf::open(dir, device)?;
+            return Self::from_checkpoint(config, &checkpoint);
+        }
         let config = ModelConfig::from_dir(dir)?;
         let fp8 = match &config {
             ModelConfig::DeepSeek(c) => c.fp8_block_size,

@@ -47,6 +47,13 @@ impl RotaryEmbedding {
         let (inv_freq, attention_factor) = match *scaling {
             RopeScaling::None => (base, 1.0),
             RopeScaling::Linear { factor } => (base.iter().map(|f| f / factor).collect(), 1.0),
+            RopeScaling::Factors(ref factors) => (
+                base.iter()
+                    .zip(factors.iter().chain(std::iter::repeat(&1.0)))
+                    .map(|(f, d)| f / d)
+                    .collect(),
+                1.0,
+            ),
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,

@@ -4,6 +4,8 @@
 //! Every file is validated when opened (a truncated file is an error naming it), and every tensor
 //! is checked for name and shape when fetched. Weights are converted to f32 for compute; DeepSeek's
 //! FP8 release (e4m3 weights with a `weight_scale_inv` per 128x128 block) is dequantized on load.
+//! A GGUF file can stand in for the folder ([`Checkpoint::from_gguf`]): its tensors are served under
+//! the same names.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,7 @@ use memmap2::Mmap;
 use safetensors::SafeTensors;
 
 use crate::error::{ModelError, Result};
+use crate::gguf::tensors::GgufTensors;
 
 /// Where one tensor lives: which file, at which bytes, with which stored dtype and shape.
 #[derive(Debug, Clone)]
@@ -31,6 +34,8 @@ pub struct Checkpoint {
     tensors: HashMap<String, TensorEntry>,
     /// Tensors held in memory instead of files (trainable variables), served without a copy.
     in_memory: HashMap<String, Tensor>,
+    /// Tensors of a GGUF file, under checkpoint names.
+    gguf: Option<GgufTensors>,
     fp8_block_size: Option<[usize; 2]>,
     device: Device,
 }
@@ -87,9 +92,28 @@ impl Checkpoint {
             files,
             tensors,
             in_memory: HashMap::new(),
+            gguf: None,
             fp8_block_size: None,
             device: device.clone(),
         })
+    }
+
+    /// A checkpoint over the tensors of a GGUF file (see [`crate::gguf`]).
+    pub fn from_gguf(tensors: GgufTensors, device: &Device) -> Self {
+        Self {
+            dir: tensors.file().path().to_path_buf(),
+            files: Vec::new(),
+            tensors: HashMap::new(),
+            in_memory: HashMap::new(),
+            gguf: Some(tensors),
+            fp8_block_size: None,
+            device: device.clone(),
+        }
+    }
+
+    /// The GGUF tensors behind this checkpoint, if it is a GGUF file.
+    pub fn gguf(&self) -> Option<&GgufTensors> {
+        self.gguf.as_ref()
     }
 
     /// A checkpoint of f32 tensors already in memory, e.g. the variables of a model being trained:
@@ -100,6 +124,7 @@ impl Checkpoint {
             files: Vec::new(),
             tensors: HashMap::new(),
             in_memory: tensors,
+            gguf: None,
             fp8_block_size: None,
             device: device.clone(),
         }
@@ -118,7 +143,9 @@ impl Checkpoint {
 
     /// Whether the checkpoint holds a tensor of this name.
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name) || self.in_memory.contains_key(name)
+        self.tensors.contains_key(name)
+            || self.in_memory.contains_key(name)
+            || self.gguf.as_ref().is_some_and(|g| g.contains(name))
     }
 
     /// Names of all tensors, for counting parameters and finding unexpected ones.
@@ -127,13 +154,17 @@ impl Checkpoint {
             .keys()
             .chain(self.in_memory.keys())
             .map(String::as_str)
+            .chain(self.gguf.iter().flat_map(|g| g.names()))
     }
 
     /// Stored shape of a tensor, if present.
     pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
         match self.in_memory.get(name) {
             Some(t) => Some(t.dims()),
-            None => self.tensors.get(name).map(|e| e.shape.as_slice()),
+            None => match self.tensors.get(name) {
+                Some(e) => Some(e.shape.as_slice()),
+                None => self.gguf.as_ref().and_then(|g| g.shape_of(name)),
+            },
         }
     }
 
@@ -144,6 +175,7 @@ impl Checkpoint {
             .values()
             .map(|e| format!("{:?}", e.dtype))
             .chain(self.in_memory.values().map(|t| format!("{:?}", t.dtype())))
+            .chain(self.gguf.iter().flat_map(|g| g.stored_types()))
             .collect();
         dtypes.sort();
         dtypes.dedup();
@@ -170,6 +202,11 @@ impl Checkpoint {
                 });
             }
             return Ok(tensor.to_dtype(DType::F32)?);
+        }
+        if let Some(gguf) = &self.gguf
+            && let Some(tensor) = gguf.get(name, shape, &self.device)?
+        {
+            return Ok(tensor);
         }
         let entry = self.entry(name)?;
         let file = &self.files[entry.file].0;

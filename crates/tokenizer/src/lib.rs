@@ -1,7 +1,8 @@
 //! Tokenizer and chat templates for tiefsee: text in, token ids out, and back.
 //!
 //! - [`Tokenizer`]: a model directory's `tokenizer.json` (through the `tokenizers` crate) with its
-//!   `tokenizer_config.json` and `generation_config.json`, encoding and decoding exactly as transformers 5.
+//!   `tokenizer_config.json` and `generation_config.json`, encoding and decoding exactly as transformers 5;
+//!   or the vocabulary in a GGUF file's metadata, encoding as llama.cpp ([`gguf`]).
 //! - [`StreamDecoder`]: decoding one generated id at a time without ever emitting half a character.
 //! - [`ChatTemplate`]: the model's own Jinja chat template, rendered byte-identical to transformers'
 //!   `apply_chat_template` (minijinja plus the Python-isms transformers' Jinja2 environment has).
@@ -30,6 +31,7 @@
 mod chat_template;
 mod config;
 mod error;
+pub mod gguf;
 mod pyfmt;
 mod reasoning;
 mod stop;

@@ -46,6 +46,41 @@ impl Tokenizer {
         Ok(tokenizer)
     }
 
+    /// Load the tokenizer stored in a GGUF model file's metadata (see [`crate::gguf`]): llama.cpp's
+    /// vocabulary, pre-tokenizer, BOS/EOS and `tokenizer.chat_template`.
+    pub fn from_gguf(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = tiefsee_gguf::GgufFile::open(path).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::from_gguf_file(&file)
+    }
+
+    /// As [`Tokenizer::from_gguf`], for a file already open.
+    pub fn from_gguf_file(file: &tiefsee_gguf::GgufFile) -> Result<Self> {
+        let vocab = crate::gguf::read(file)?;
+        let origin = format!("{} `tokenizer.chat_template`", file.path().display());
+        let chat_template = match &vocab.chat_template {
+            Some(source) => ChatTemplate::new(source, &origin).map(|mut template| {
+                for (name, text) in &vocab.named {
+                    template.set_special_token(name, text);
+                }
+                template
+            }),
+            None => Err(Error::NoChatTemplate(format!(
+                "{}: no tokenizer.chat_template in its metadata",
+                file.path().display()
+            ))),
+        };
+        Ok(Tokenizer {
+            inner: vocab.tokenizer,
+            bos: vocab.bos,
+            eos: vocab.eos,
+            chat_template,
+        })
+    }
+
     /// Load a bare `tokenizer.json` (no config: no named BOS/EOS, no chat template).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         Self::build(path.as_ref(), &TokenizerConfig::default())
