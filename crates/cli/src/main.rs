@@ -47,13 +47,23 @@ enum Command {
 /// The checkpoint used when `--model` is not given.
 pub const DEFAULT_MODEL: &str = "models/mini-r1";
 
-/// Resolves `--model`, falling back to the shipped default model.
+/// Resolves `--model`, falling back to the shipped default model: `models/mini-r1` under the
+/// working directory, else in the repository this binary was built from.
 pub fn model_dir(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    match model {
-        Some(path) => Ok(path),
-        None if std::path::Path::new(DEFAULT_MODEL).is_dir() => Ok(DEFAULT_MODEL.into()),
-        None => anyhow::bail!("no --model given and the default model {DEFAULT_MODEL} is not here"),
+    if let Some(path) = model {
+        return Ok(path);
     }
+    let built_from = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(DEFAULT_MODEL);
+    [PathBuf::from(DEFAULT_MODEL), built_from]
+        .into_iter()
+        .find(|p| p.is_dir())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no --model given and the default model {DEFAULT_MODEL} is not here; pass --model PATH"
+            )
+        })
 }
 
 /// Fixes the matmul thread count once. candle asks for it on every matrix product and, unless
