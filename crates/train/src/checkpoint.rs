@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::TaskSpec;
+use crate::config::{OptimSpec, TaskSpec};
 use crate::error::{Result, TrainError};
 use crate::optim::AdamW;
 use crate::params::Params;
@@ -113,14 +113,41 @@ pub fn resolve(dir: &Path) -> Option<PathBuf> {
     old.join("model.safetensors").is_file().then_some(old)
 }
 
+/// The parameters, optimizer and step to resume from, when `dir` holds a checkpoint of the same
+/// run (phase, config and starting checkpoint); `None` when there is none yet; an error naming the
+/// folder when it holds another run.
+pub fn resume(
+    dir: &Path,
+    phase: &str,
+    config: &serde_json::Value,
+    started_from: Option<&str>,
+    spec: OptimSpec,
+) -> Result<Option<(Params, AdamW, usize)>> {
+    let Some(dir) = resolve(dir) else {
+        return Ok(None);
+    };
+    let state = read_state(&dir)?;
+    if state.phase != phase
+        || &state.config != config
+        || state.started_from.as_deref() != started_from
+    {
+        return Err(TrainError::Config {
+            field: "config".into(),
+            reason: format!(
+                "{} holds a different run ({} of another config or start); use another --out, or the same config and --model",
+                dir.display(),
+                state.phase
+            ),
+        });
+    }
+    let params = Params::load(&dir)?;
+    let optimizer = AdamW::load(spec, &dir.join(OPTIMIZER_FILE), state.step as u64)?;
+    Ok(Some((params, optimizer, state.step)))
+}
+
 /// The trainer state of a checkpoint.
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     crate::config::read_json(&dir.join(STATE_FILE))
-}
-
-/// The optimizer of a checkpoint, for resuming.
-pub fn read_optimizer(dir: &Path, spec: crate::config::OptimSpec, step: u64) -> Result<AdamW> {
-    AdamW::load(spec, &dir.join(OPTIMIZER_FILE), step)
 }
 
 /// The task a model was trained on, from its `task.json`.

@@ -319,29 +319,15 @@ pub fn pretrain(
 
     let ckpt_dir = out.join("checkpoint");
     let config_value = serde_json::to_value(cfg).expect("config serializes");
-    let (mut params, mut optimizer, start) = match checkpoint::resolve(&ckpt_dir) {
-        Some(dir) => {
-            let state = checkpoint::read_state(&dir)?;
-            if state.phase != "pretrain" || state.config != config_value {
-                return Err(TrainError::Config {
-                    field: "config".into(),
-                    reason: format!(
-                        "{} holds a different run (phase {}); use another --out or the same config",
-                        dir.display(),
-                        state.phase
-                    ),
-                });
-            }
-            let params = Params::load(&dir)?;
-            let opt = checkpoint::read_optimizer(&dir, cfg.optim, state.step as u64)?;
-            (params, opt, state.step)
-        }
-        None => (
-            Params::init(cfg.model.clone(), cfg.init_std, cfg.seed)?,
-            AdamW::new(cfg.optim),
-            0,
-        ),
-    };
+    let (mut params, mut optimizer, start) =
+        match checkpoint::resume(&ckpt_dir, "pretrain", &config_value, None, cfg.optim)? {
+            Some(resumed) => resumed,
+            None => (
+                Params::init(cfg.model.clone(), cfg.init_std, cfg.seed)?,
+                AdamW::new(cfg.optim),
+                0,
+            ),
+        };
     let csv_path = out.join("metrics.csv");
     let mut csv = open_log(&csv_path, PRETRAIN_CSV_HEADER, start)?;
     let eos = crate::vocab::EOS_ID;

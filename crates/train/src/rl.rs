@@ -128,27 +128,11 @@ pub fn grpo(
     let ckpt_dir = out.join("checkpoint");
     let config_value = serde_json::to_value(cfg).expect("config serializes");
     let origin = start_dir.display().to_string();
-    let (params, mut optimizer, start) = match checkpoint::resolve(&ckpt_dir) {
-        Some(dir) => {
-            let state = checkpoint::read_state(&dir)?;
-            if state.phase != "grpo"
-                || state.config != config_value
-                || state.started_from.as_deref() != Some(origin.as_str())
-            {
-                return Err(TrainError::Config {
-                    field: "config".into(),
-                    reason: format!(
-                        "{} holds a different run; use another --out, or the same --model and config",
-                        dir.display()
-                    ),
-                });
-            }
-            let params = Params::load(&dir)?;
-            let opt = checkpoint::read_optimizer(&dir, cfg.optim, state.step as u64)?;
-            (params, opt, state.step)
-        }
-        None => (Params::load(&start_dir)?, AdamW::new(cfg.optim), 0),
-    };
+    let (params, mut optimizer, start) =
+        match checkpoint::resume(&ckpt_dir, "grpo", &config_value, Some(&origin), cfg.optim)? {
+            Some(resumed) => resumed,
+            None => (Params::load(&start_dir)?, AdamW::new(cfg.optim), 0),
+        };
     let reference = if cfg.beta > 0.0 {
         Some(Params::load(&start_dir)?)
     } else {

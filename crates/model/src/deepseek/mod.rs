@@ -249,14 +249,7 @@ impl DeepSeek {
                 vocab_size: self.cfg.vocab_size,
             });
         }
-        let segments: Vec<Segment> = sequences
-            .iter()
-            .map(|tokens| Segment {
-                tokens,
-                start: 0,
-                logits: Some(Logits::All),
-            })
-            .collect();
+        let segments = whole_sequences(sequences);
         let mut x = self
             .embed
             .index_select(&Tensor::new(ids.as_slice(), device)?, 0)?;
@@ -305,14 +298,7 @@ impl DeepSeek {
                 .filter(|(_, len)| **len > 0)
                 .map(|(s, &len)| &s[k..k + len])
                 .collect();
-            let segments: Vec<Segment> = shifted
-                .iter()
-                .map(|tokens| Segment {
-                    tokens,
-                    start: 0,
-                    logits: Some(Logits::All),
-                })
-                .collect();
+            let segments = whole_sequences(&shifted);
             let layer = self.blocks.len() + depth;
             let (y, trace) =
                 mtp.block
@@ -332,4 +318,16 @@ impl DeepSeek {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(hidden)
     }
+}
+
+/// Segments feeding each sequence whole from position 0, with logits everywhere.
+fn whole_sequences<'a>(sequences: &[&'a [u32]]) -> Vec<Segment<'a>> {
+    sequences
+        .iter()
+        .map(|tokens| Segment {
+            tokens,
+            start: 0,
+            logits: Some(Logits::All),
+        })
+        .collect()
 }
