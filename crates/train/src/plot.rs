@@ -129,8 +129,7 @@ pub fn plot_csv(csv: &Path, png: &Path, panels: &[Panel]) -> Result<()> {
         let series: Vec<(&str, Vec<(f64, f64)>)> =
             panel.columns.iter().map(|c| (*c, column(c))).collect();
         let points = series.iter().flat_map(|(_, s)| s.iter());
-        let (mut x_min, mut x_max, mut y_min, mut y_max) =
-            (f64::MAX, f64::MIN, 0.0f64, f64::MIN);
+        let (mut x_min, mut x_max, mut y_min, mut y_max) = (f64::MAX, f64::MIN, 0.0f64, f64::MIN);
         for &(x, y) in points {
             x_min = x_min.min(x);
             x_max = x_max.max(x);
@@ -223,7 +222,10 @@ mod tests {
         let mut reader = decoder.read_info().unwrap();
         let mut buf = vec![0; reader.output_buffer_size().unwrap()];
         let info = reader.next_frame(&mut buf).unwrap();
-        assert_eq!((info.width, info.height), (WIDTH as u32, PANEL_HEIGHT as u32));
+        assert_eq!(
+            (info.width, info.height),
+            (WIDTH as u32, PANEL_HEIGHT as u32)
+        );
         let count = |color: [u8; 3]| buf.chunks(3).filter(|p| *p == color).count();
         // Both series (and their legend entries) are drawn; the sparse one has fewer pixels.
         assert!(count(COLORS[0]) > 500, "{}", count(COLORS[0]));

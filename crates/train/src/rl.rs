@@ -404,7 +404,12 @@ pub fn grpo(
         &[
             Panel {
                 title: "reward and accuracy",
-                columns: &["reward", "accuracy_reward", "format_reward", "eval_accuracy"],
+                columns: &[
+                    "reward",
+                    "accuracy_reward",
+                    "format_reward",
+                    "eval_accuracy",
+                ],
             },
             Panel {
                 title: "completion length (tokens)",
