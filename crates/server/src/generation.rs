@@ -142,7 +142,16 @@ impl ChoiceStream {
                 content: text.to_owned(),
             },
         };
-        while let Some(event) = self.events.recv().await {
+        loop {
+            // A choice still waiting for admission sends nothing, so watch for the client leaving
+            // too: dropping `events` makes the engine cancel this choice.
+            let event = tokio::select! {
+                event = self.events.recv() => event,
+                () = self.out.closed() => return,
+            };
+            let Some(event) = event else {
+                return;
+            };
             let output = match event {
                 WorkerEvent::Token { token, logprobs } => {
                     let in_reasoning = parser.as_ref().is_some_and(ReasoningParser::in_reasoning);

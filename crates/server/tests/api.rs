@@ -560,8 +560,9 @@ async fn streamed_choices_each_arrive_whole_and_finish() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_leaving_cancels_every_choice() {
     let state = state("deepseek-v3", None, 8);
-    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100,
-        "temperature": 0, "n": 3, "stream": true});
+    // Eight choices: four run (max_running), four wait, and all go when the client does.
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50,
+        "temperature": 0, "n": 8, "stream": true});
     let response = router(state.clone())
         .oneshot(
             Request::post("/v1/chat/completions")
@@ -576,8 +577,9 @@ async fn a_client_leaving_cancels_every_choice() {
     drop(body);
     let mut cancelled = false;
     for _ in 0..200 {
-        if metric(&state, "tiefsee_requests_cancelled_total") == 3
+        if metric(&state, "tiefsee_requests_cancelled_total") == 8
             && metric(&state, "tiefsee_kv_blocks_in_use") == 0
+            && metric(&state, "tiefsee_queue_depth") == 0
         {
             cancelled = true;
             break;
