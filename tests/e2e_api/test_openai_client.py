@@ -4,7 +4,8 @@ The model's text is gibberish by design, so the tests check the API's shape and 
 adds up (DeepSeek's cache-hit fields included, read through pydantic's `model_extra`), greedy decoding
 gives the same text streamed or not, errors come back as the client's typed exceptions naming the field,
 stop strings cut the text, a client that leaves is cancelled, a full queue answers 429, and the R1
-template's reasoning arrives as `reasoning_content`. Run with tests/e2e_api/run.sh.
+template's reasoning arrives as `reasoning_content`, `n` choices come back indexed (streamed or not)
+with usage summed, and logprobs parse into the client's types. Run with tests/e2e_api/run.sh.
 """
 
 import shutil
@@ -181,13 +182,15 @@ def test_api_key(keyed_url):
     [
         (dict(temperature=3.0), "temperature"),
         (dict(top_p=1.5), "top_p"),
-        (dict(n=2), "n"),
+        (dict(n=0), "n"),
+        (dict(n=100), "n"),
         (dict(max_tokens=0), "max_tokens"),
         (dict(max_tokens=100_000), "max_tokens"),
         (dict(max_completion_tokens=100_000), "max_completion_tokens"),
         (dict(presence_penalty=3.0), "presence_penalty"),
         (dict(frequency_penalty=-3.0), "frequency_penalty"),
-        (dict(logprobs=True), "logprobs"),
+        (dict(top_logprobs=2), "top_logprobs"),
+        (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
         (dict(messages=[]), "messages"),
         (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role"),
         (
@@ -312,3 +315,90 @@ def test_type_errors_name_the_field(client, model_id, name, value):
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model=model_id, messages=MESSAGES, extra_body={name: value})
     assert name in error.value.message or error.value.param == name, error.value.message
+
+
+def test_n_greedy_choices_equal_one_choice(client, model_id):
+    kwargs = dict(model=model_id, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0)
+    one = client.chat.completions.create(**kwargs)
+    many = client.chat.completions.create(n=3, **kwargs)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert {c.message.content for c in many.choices} == {one.choices[0].message.content}
+    assert many.usage.prompt_tokens == one.usage.prompt_tokens
+    assert many.usage.completion_tokens == 3 * one.usage.completion_tokens
+    assert many.usage.total_tokens == many.usage.prompt_tokens + many.usage.completion_tokens
+
+
+def test_n_seeded_choices_are_reproducible_and_differ(client, model_id):
+    kwargs = dict(model=model_id, prompt="Es war einmal", max_tokens=MAX_TOKENS, temperature=1.0, seed=5, n=3)
+    first = [c.text for c in client.completions.create(**kwargs).choices]
+    second = [c.text for c in client.completions.create(**kwargs).choices]
+    assert first == second
+    assert len(set(first)) == 3, first
+
+
+def test_n_streaming_delivers_every_choice(client, model_id):
+    kwargs = dict(model=model_id, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=1.0, seed=9, n=3)
+    whole = client.chat.completions.create(**kwargs)
+    content, finish, usage = ["", "", ""], [None, None, None], None
+    stream = client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            assert finish[choice.index] is None, "a delta after the choice finished"
+            content[choice.index] += choice.delta.content or ""
+            finish[choice.index] = choice.finish_reason
+    assert content == [c.message.content for c in whole.choices]
+    assert finish == [c.finish_reason for c in whole.choices]
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_n_choices_share_the_prompt_cache(client, model_id, base_url):
+    before = metric(base_url, "tiefsee_prefix_cache_hit_tokens_total")
+    response = client.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": "n=3: " + LONG_PROMPT}], max_tokens=2, temperature=0, n=3
+    )
+    prompt = response.usage.prompt_tokens
+    # Choices 1 and 2 find every full 16-token block of the prompt that choice 0 computed.
+    assert metric(base_url, "tiefsee_prefix_cache_hit_tokens_total") - before >= 2 * ((prompt - 1) // 16 * 16)
+
+
+def check_top(entry, k):
+    assert len(entry.top_logprobs) == k
+    tops = [t.logprob for t in entry.top_logprobs]
+    assert tops == sorted(tops, reverse=True)
+    # Greedy: the token taken is the most likely one.
+    assert entry.logprob == tops[0]
+    assert entry.bytes == list(entry.token.encode())
+
+
+def test_chat_logprobs(client, model_id):
+    kwargs = dict(model=model_id, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0, logprobs=True, top_logprobs=3)
+    response = client.chat.completions.create(**kwargs)
+    entries = response.choices[0].logprobs.content
+    assert len(entries) == response.usage.completion_tokens
+    for entry in entries:
+        check_top(entry, 3)
+    streamed, usage = [], None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                streamed += choice.logprobs.content
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, entries))
+    assert len(streamed) == usage.completion_tokens
+
+
+def test_completion_logprobs(client, model_id):
+    response = client.completions.create(model=model_id, prompt="Es war einmal", max_tokens=MAX_TOKENS,
+                                         temperature=0, logprobs=2)
+    lp = response.choices[0].logprobs
+    n = response.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    offset = 0
+    for token, logprob, top, at in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset):
+        assert at == offset
+        offset += len(token)
+        assert top[token] == logprob == max(top.values())

@@ -33,6 +33,29 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
+impl SamplingParams {
+    /// The params of choice `index` of a request for several: choice 0 keeps the seed, so it
+    /// samples what a request for one would; the others get distinct seeds derived from it, so a
+    /// seeded request for `n` choices is reproducible and its choices differ.
+    pub fn for_choice(&self, index: usize) -> Self {
+        let seed = if index == 0 {
+            self.seed
+        } else {
+            // SplitMix64 of seed + index * golden ratio: neighbouring seeds give unrelated streams.
+            let mut z = self
+                .seed
+                .wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        Self {
+            seed,
+            ..self.clone()
+        }
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {

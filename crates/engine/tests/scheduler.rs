@@ -12,12 +12,12 @@ use std::ops::ControlFlow;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tiefsee_engine::StopReason;
 use tiefsee_engine::sampler::{Sampler, SamplingParams};
 use tiefsee_engine::scheduler::{
     ConfigError, Engine, EngineError, Event, ModelExecutor, Rejected, Request, Scheduler,
     SchedulerConfig, SeqId, Step, UnknownSequence, Usage,
 };
+use tiefsee_engine::{StopReason, TokenLogprobs};
 use tiefsee_model::{ModelError, Result};
 
 const VOCAB: usize = 64;
@@ -151,6 +151,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> Request {
         prompt,
         max_tokens: Some(max_tokens),
         stop_ids: Vec::new(),
+        logprobs: None,
     }
 }
 
@@ -177,7 +178,7 @@ impl Collector {
 
     fn take_one(&mut self, event: &Event) {
         match *event {
-            Event::Token { id, token } => {
+            Event::Token { id, token, .. } => {
                 assert!(
                     !self.done.contains_key(&id),
                     "{id} produced a token after finishing"
@@ -614,4 +615,54 @@ fn random_traffic_keeps_the_books_balanced() {
     );
     let stats = e.scheduler().stats().blocks;
     assert!(stats.hit_tokens > 0 && stats.cached > 0, "{stats:?}");
+}
+
+#[test]
+fn a_group_samples_each_choice_alone_shares_the_prompt_and_reports_logprobs() {
+    let mut e = engine(config(64, 4, 64));
+    let r = Request {
+        logprobs: Some(3),
+        ..request(prompt(3, 13), 6)
+    };
+    let base = sampled(11);
+    let samplings: Vec<_> = (0..3).map(|i| base.for_choice(i)).collect();
+    let ids = e.add_group(r.clone(), samplings.clone()).unwrap();
+    let mut collector = Collector::default();
+    let mut logprobs: HashMap<SeqId, Vec<TokenLogprobs>> = HashMap::new();
+    while !e.scheduler().is_idle() {
+        let events = e.step().unwrap();
+        for event in &events {
+            if let Event::Token {
+                id, logprobs: lp, ..
+            } = event
+            {
+                logprobs.entry(*id).or_default().push(*lp.clone().unwrap());
+            }
+        }
+        collector.take(events);
+        e.scheduler().audit().unwrap();
+    }
+    let mut outputs = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let outcome = &collector.done[id];
+        // Each choice is what its own seed gives alone; choice 0 is a plain request's.
+        assert_eq!(outcome.tokens, reference(&r, &samplings[i], 64).0, "{i}");
+        // 13 prompt tokens: the later choices find its 3 full blocks of 4 cached.
+        assert_eq!(outcome.usage.cached_tokens, if i == 0 { 0 } else { 12 });
+        let mut history = r.prompt.clone();
+        for (lp, &token) in logprobs[id].iter().zip(&outcome.tokens) {
+            let logits = mock_logits(&history);
+            let log_z = logits.iter().map(|l| l.exp()).sum::<f32>().ln();
+            assert!((lp.logprob - (logits[token as usize] - log_z)).abs() < 1e-5);
+            assert_eq!(lp.top.len(), 3);
+            assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+            history.push(token);
+        }
+        outputs.push(outcome.tokens.clone());
+    }
+    assert_eq!(reference(&r, &base, 64).0, outputs[0]);
+    assert!(
+        outputs[0] != outputs[1] || outputs[1] != outputs[2],
+        "{outputs:?}"
+    );
 }

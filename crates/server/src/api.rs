@@ -66,21 +66,64 @@ pub struct CommonParams {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub repetition_penalty: Option<f32>,
+}
+
+/// Most choices one request may ask for (`n`); each is a sequence in the engine.
+pub const MAX_CHOICES: u64 = 16;
+
+/// Most alternatives per token (`top_logprobs`, completions' `logprobs`), as OpenAI and vLLM allow.
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+
+/// `POST /v1/chat/completions`: the messages and the chat form of logprobs (the shared fields are
+/// read from the same body).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u64>,
 }
 
-/// `POST /v1/chat/completions`: the messages (the shared fields are read from the same body).
-#[derive(Debug, Clone, Deserialize)]
-pub struct ChatRequest {
-    pub messages: Vec<ChatMessage>,
+impl ChatRequest {
+    /// How many alternatives to report per token, if logprobs are wanted: `logprobs: true` with
+    /// `top_logprobs` 0 to 20 (0 when absent); `top_logprobs` alone is refused, as by OpenAI and vLLM.
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        match (self.logprobs, self.top_logprobs) {
+            (Some(true), top) => Ok(Some(top_logprobs("top_logprobs", top.unwrap_or(0))?)),
+            (_, Some(_)) => Err(ApiError::field(
+                "top_logprobs",
+                "top_logprobs needs logprobs: true",
+            )),
+            (_, None) => Ok(None),
+        }
+    }
 }
 
-/// `POST /v1/completions`: `prompt` as text, or as token ids (the shared fields are read from the
-/// same body).
+/// `POST /v1/completions`: `prompt` as text, or as token ids, and the legacy form of logprobs (the
+/// shared fields are read from the same body).
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: PromptField,
+    /// Alternatives to report per token (0 to 20); absent for no logprobs.
+    pub logprobs: Option<u64>,
+}
+
+impl CompletionRequest {
+    /// How many alternatives to report per token, if logprobs are wanted.
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        self.logprobs
+            .map(|k| top_logprobs("logprobs", k))
+            .transpose()
+    }
+}
+
+fn top_logprobs(name: &str, k: u64) -> Result<usize, ApiError> {
+    if k > MAX_TOP_LOGPROBS {
+        return Err(ApiError::field(
+            name,
+            format!("{name} = {k} must be between 0 and {MAX_TOP_LOGPROBS}"),
+        ));
+    }
+    Ok(k as usize)
 }
 
 /// Reads one view of a JSON body, naming the field at fault (`messages[0].role`, `temperature`).
@@ -115,11 +158,20 @@ pub struct Generation {
     pub stops: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Choices to generate, each sampled on its own (`SamplingParams::for_choice`).
+    pub n: usize,
+    /// Alternatives to report per generated token, if logprobs are wanted.
+    pub logprobs: Option<usize>,
 }
 
 impl CommonParams {
-    /// Checks every field, naming the one at fault.
-    pub fn validate(&self, context: usize) -> Result<Generation, ApiError> {
+    /// Checks every field, naming the one at fault; `logprobs` comes checked from the endpoint's
+    /// own request, whose form of it differs.
+    pub fn validate(
+        &self,
+        context: usize,
+        logprobs: Option<usize>,
+    ) -> Result<Generation, ApiError> {
         let range = |name: &str, value: Option<f32>, lo: f32, hi: f32| match value {
             Some(v) if !(lo..=hi).contains(&v) || v.is_nan() => Err(ApiError::field(
                 name,
@@ -134,22 +186,15 @@ impl CommonParams {
         if self.top_p == Some(0.0) {
             return Err(ApiError::field("top_p", "top_p must be greater than 0"));
         }
-        if let Some(n) = self.n
-            && n != 1
-        {
+        let n = self.n.unwrap_or(1);
+        if n == 0 || n > MAX_CHOICES {
             return Err(ApiError::field(
                 "n",
-                format!("n = {n}: only one choice per request is supported"),
+                format!("n = {n} must be between 1 and {MAX_CHOICES}"),
             ));
         }
         range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
         range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
-        if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
-            return Err(ApiError::field(
-                "logprobs",
-                "logprobs are not supported yet",
-            ));
-        }
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (Some(m), _) => Some(("max_completion_tokens", m)),
             (None, Some(m)) => Some(("max_tokens", m)),
@@ -190,6 +235,8 @@ impl CommonParams {
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
+            n: n as usize,
+            logprobs,
         })
     }
 }
@@ -264,6 +311,26 @@ pub struct UsageBody {
     pub prompt_cache_hit_tokens: usize,
     pub prompt_cache_miss_tokens: usize,
     pub completion_tokens_details: CompletionDetails,
+}
+
+impl UsageBody {
+    /// The usage of a request for several choices, as OpenAI counts it: the prompt once (with the
+    /// first choice's cache hits; the others' hits show in `/metrics`), completion tokens summed.
+    pub fn of_choices(choices: &[UsageBody]) -> Option<UsageBody> {
+        let first = choices.first()?;
+        let completion: usize = choices.iter().map(|u| u.completion_tokens).sum();
+        Some(UsageBody {
+            completion_tokens: completion,
+            total_tokens: first.prompt_tokens + completion,
+            completion_tokens_details: CompletionDetails {
+                reasoning_tokens: choices
+                    .iter()
+                    .map(|u| u.completion_tokens_details.reasoning_tokens)
+                    .sum(),
+            },
+            ..first.clone()
+        })
+    }
 }
 
 /// `usage.completion_tokens_details`.

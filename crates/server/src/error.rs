@@ -65,6 +65,9 @@ impl ApiError {
             Rejected::ZeroMaxTokens | Rejected::ExceedsContext { .. } => {
                 Self::field("max_tokens", message)
             }
+            Rejected::Choices { .. } | Rejected::ChoicesExceedPool { .. } => {
+                Self::field("n", message)
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The engine thread: owns the model, the paged cache and the scheduler, takes requests over a
-//! channel, steps the continuous batch, and sends each request its tokens. A request whose receiver
-//! is gone (the client disconnected, a stop string matched) is cancelled at once, freeing its blocks.
+//! channel, steps the continuous batch, and sends each request its tokens. A request for `n` choices
+//! is `n` sequences, each with its own receiver; one whose receiver is gone (the client disconnected,
+//! a stop string matched) is cancelled at once, freeing its blocks.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tiefsee_engine::generate::StopReason;
 use tiefsee_engine::scheduler::{Engine, Event, Rejected, Request, SchedulerConfig, SeqId, Usage};
-use tiefsee_engine::{PagedExecutor, SamplingParams};
+use tiefsee_engine::{PagedExecutor, SamplingParams, TokenLogprobs};
 use tiefsee_model::Model;
 use tokio::sync::{mpsc, oneshot};
 
@@ -17,7 +18,10 @@ use crate::metrics::Metrics;
 /// What the engine thread sends back for one request.
 #[derive(Debug)]
 pub enum WorkerEvent {
-    Token(u32),
+    Token {
+        token: u32,
+        logprobs: Option<Box<TokenLogprobs>>,
+    },
     Finished {
         reason: StopReason,
         usage: Usage,
@@ -26,14 +30,19 @@ pub enum WorkerEvent {
     Failed(String),
 }
 
-/// A request for the engine thread.
+/// A request for the engine thread: its choices are queued together or not at all.
 pub struct Submit {
     pub request: Request,
+    pub choices: Vec<Choice>,
+    pub accepted: oneshot::Sender<Result<(), Rejected>>,
+}
+
+/// One choice of a request: its sampling and where its events go.
+pub struct Choice {
     pub sampling: SamplingParams,
     pub events: mpsc::UnboundedSender<WorkerEvent>,
     /// Set by the receiver to end generation early (a stop string matched); usage still follows.
     pub stop: Arc<AtomicBool>,
-    pub accepted: oneshot::Sender<Result<(), Rejected>>,
 }
 
 /// The engine thread's handle on one live request.
@@ -153,13 +162,16 @@ fn admit<E: tiefsee_engine::scheduler::ModelExecutor>(
     submit: Submit,
 ) {
     metrics.requests.fetch_add(1, Ordering::Relaxed);
-    match engine.add(submit.request, submit.sampling) {
-        Ok(id) => {
-            let handle = Live {
-                events: submit.events,
-                stop: submit.stop,
-            };
-            live.insert(id, handle);
+    let samplings = submit.choices.iter().map(|c| c.sampling.clone()).collect();
+    match engine.add_group(submit.request, samplings) {
+        Ok(ids) => {
+            for (id, choice) in ids.into_iter().zip(submit.choices) {
+                let handle = Live {
+                    events: choice.events,
+                    stop: choice.stop,
+                };
+                live.insert(id, handle);
+            }
             let _ = submit.accepted.send(Ok(()));
         }
         Err(rejected) => {
@@ -176,11 +188,17 @@ fn dispatch<E: tiefsee_engine::scheduler::ModelExecutor>(
     event: Event,
 ) {
     match event {
-        Event::Token { id, token } => {
+        Event::Token {
+            id,
+            token,
+            logprobs,
+        } => {
             metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            let delivered = live
-                .get(&id)
-                .is_some_and(|l| l.events.send(WorkerEvent::Token(token)).is_ok());
+            let delivered = live.get(&id).is_some_and(|l| {
+                l.events
+                    .send(WorkerEvent::Token { token, logprobs })
+                    .is_ok()
+            });
             if !delivered {
                 live.remove(&id);
                 let _ = engine.cancel(id);

@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tiefsee_engine::scheduler::SchedulerConfig;
 use tiefsee_engine::{GenerateOptions, Sampler, SamplingParams, Session};
-use tiefsee_model::Model;
+use tiefsee_model::{Logits, Model};
 use tiefsee_server::{AppState, router};
 use tiefsee_tokenizer::{Message, Tokenizer};
 use tower::ServiceExt;
@@ -207,8 +207,29 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
             Some("max_tokens"),
         ),
         (
-            r#"{"messages": [{"role": "user", "content": "hi"}], "n": 3}"#,
+            r#"{"messages": [{"role": "user", "content": "hi"}], "n": 0}"#,
             Some("n"),
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "hi"}], "n": 100}"#,
+            Some("n"),
+        ),
+        // Eight choices of 100 tokens do not fit the pool of 136 blocks of 4 tokens.
+        (
+            r#"{"messages": [{"role": "user", "content": "hi"}], "n": 8, "max_tokens": 100}"#,
+            Some("n"),
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21}"#,
+            Some("top_logprobs"),
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}"#,
+            Some("top_logprobs"),
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "hi"}], "logprobs": 3}"#,
+            Some("logprobs"),
         ),
         (
             r#"{"messages": [{"role": "user", "content": "hi"}], "top_p": 7}"#,
@@ -223,6 +244,15 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
         if let Some(param) = param {
             assert_eq!(error["error"]["param"], param, "{body}");
         }
+    }
+    for (body, param) in [
+        (r#"{"prompt": "hi", "logprobs": 21}"#, "logprobs"),
+        (r#"{"prompt": "hi", "logprobs": true}"#, "logprobs"),
+        (r#"{"prompt": "hi", "n": 17}"#, "n"),
+    ] {
+        let (status, bytes) = post(&state, "/v1/completions", body, Some("sekret")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(json_of(&bytes)["error"]["param"], param, "{body}");
     }
     let long_prompt = json!({"messages": [{"role": "user", "content": "wort ".repeat(200)}]});
     let (status, bytes) = post(
@@ -386,4 +416,347 @@ async fn r1_template_output_is_reasoning_until_think_closes() {
         })
         .collect();
     assert_eq!(reasoning, message["reasoning_content"].as_str().unwrap());
+}
+
+/// The `data:` payloads of an SSE body, checked to end with `[DONE]`, as JSON.
+fn sse_chunks(bytes: &[u8]) -> Vec<Value> {
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| json_of(e.as_bytes()))
+        .collect()
+}
+
+fn metric(state: &AppState, name: &str) -> u64 {
+    let rendered = state.metrics.render();
+    rendered
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {rendered}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn greedy_choices_equal_one_choice_and_share_the_prompt_cache() {
+    let state = state("deepseek-v3", None, 8);
+    let body = json!({"messages": [{"role": "user", "content": "Grüße aus München!"}], "max_tokens": 6, "temperature": 0, "n": 3});
+    let (status, bytes) = post(&state, "/v1/chat/completions", &body.to_string(), None).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let reply = json_of(&bytes);
+    let expected = greedy_reference("deepseek-v3", "Grüße aus München!", 6);
+    let choices = reply["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["message"]["content"], expected.as_str(), "{reply}");
+    }
+    // The prompt counts once, the completions add up; choice 0 found nothing cached.
+    let usage = &reply["usage"];
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    let single = json!({"messages": [{"role": "user", "content": "Grüße aus München!"}], "max_tokens": 6, "temperature": 0});
+    let (_, one) = post(&state, "/v1/chat/completions", &single.to_string(), None).await;
+    let one = json_of(&one);
+    assert_eq!(one["choices"][0]["message"]["content"], expected.as_str());
+    assert_eq!(one["usage"]["prompt_tokens"].as_u64().unwrap(), prompt);
+    assert_eq!(
+        completion,
+        3 * one["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), prompt + completion);
+    assert_eq!(usage["prompt_cache_hit_tokens"], 0);
+    // Choices 1 and 2 found every full block of 4 prompt tokens the first computed (all but the
+    // last token is reusable), and so did the single request after them.
+    let shared = (prompt - 1) / 4 * 4;
+    assert_eq!(
+        one["usage"]["prompt_cache_hit_tokens"].as_u64().unwrap(),
+        shared
+    );
+    assert_eq!(
+        metric(&state, "tiefsee_prefix_cache_hit_tokens_total"),
+        3 * shared
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seeded_choices_are_reproducible_and_differ() {
+    let state = state("deepseek-v3", None, 8);
+    let texts = |reply: &Value| -> Vec<String> {
+        reply["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["text"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let body =
+        json!({"prompt": "Es war einmal", "max_tokens": 8, "temperature": 1.0, "seed": 42, "n": 3});
+    let (status, first) = post(&state, "/v1/completions", &body.to_string(), None).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&first)
+    );
+    let (_, second) = post(&state, "/v1/completions", &body.to_string(), None).await;
+    let (first, second) = (texts(&json_of(&first)), texts(&json_of(&second)));
+    assert_eq!(first, second);
+    assert!(
+        first[0] != first[1] && first[1] != first[2] && first[0] != first[2],
+        "{first:?}"
+    );
+    // Choice 0 is what the same request for one choice gives.
+    let one = json!({"prompt": "Es war einmal", "max_tokens": 8, "temperature": 1.0, "seed": 42});
+    let (_, one) = post(&state, "/v1/completions", &one.to_string(), None).await;
+    assert_eq!(texts(&json_of(&one)), vec![first[0].clone()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_choices_each_arrive_whole_and_finish() {
+    let state = state("deepseek-v3", None, 8);
+    let mut body = json!({"messages": [{"role": "user", "content": "Grüße!"}], "max_tokens": 8,
+        "temperature": 1.0, "seed": 7, "n": 3});
+    let (_, whole) = post(&state, "/v1/chat/completions", &body.to_string(), None).await;
+    let whole = json_of(&whole);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let (status, bytes) = post(&state, "/v1/chat/completions", &body.to_string(), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let chunks = sse_chunks(&bytes);
+    let mut content = vec![String::new(); 3];
+    let mut roles = [0; 3];
+    let mut finishes = [0; 3];
+    for chunk in &chunks[..chunks.len() - 1] {
+        let choices = chunk["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 1, "{chunk}");
+        let c = &choices[0];
+        let i = c["index"].as_u64().unwrap() as usize;
+        assert_eq!(finishes[i], 0, "choice {i} sent a delta after finishing");
+        content[i] += c["delta"]["content"].as_str().unwrap_or("");
+        roles[i] += usize::from(c["delta"]["role"] == "assistant");
+        finishes[i] += usize::from(!c["finish_reason"].is_null());
+    }
+    assert_eq!((roles, finishes), ([1; 3], [1; 3]));
+    for (i, text) in content.iter().enumerate() {
+        assert_eq!(whole["choices"][i]["message"]["content"], text.as_str());
+    }
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
+    for field in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(usage["usage"][field], whole["usage"][field], "{field}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_leaving_cancels_every_choice() {
+    let state = state("deepseek-v3", None, 8);
+    // Eight choices: four run (max_running), four wait, and all go when the client does.
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50,
+        "temperature": 0, "n": 8, "stream": true});
+    let response = router(state.clone())
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    drop(body);
+    let mut cancelled = false;
+    for _ in 0..200 {
+        if metric(&state, "tiefsee_requests_cancelled_total") == 8
+            && metric(&state, "tiefsee_kv_blocks_in_use") == 0
+            && metric(&state, "tiefsee_queue_depth") == 0
+        {
+            cancelled = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(cancelled, "{}", state.metrics.render());
+}
+
+/// log_softmax of the model's own logits (no paged cache, no engine) after each prefix of `ids`,
+/// for the last `generated` positions: (generated, vocab).
+fn reference_logprobs(name: &str, ids: &[u32], generated: usize) -> Vec<Vec<f64>> {
+    let model = Model::load(&fixture(name), &candle_core::Device::Cpu).unwrap();
+    let mut cache = model.new_cache(None);
+    let logits: Vec<Vec<f32>> = model
+        .forward(ids, &mut cache, Logits::All)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    // The logits at position p predict token p + 1.
+    logits[ids.len() - 1 - generated..ids.len() - 1]
+        .iter()
+        .map(|row| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let z = row
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln()
+                + max;
+            row.iter().map(|&l| l as f64 - z).collect()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logprobs_are_the_models_log_softmax() {
+    let name = "deepseek-v3";
+    let state = state(name, None, 8);
+    let tokenizer = Tokenizer::from_dir(fixture(name)).unwrap();
+    let prompt = tokenizer
+        .apply_chat_template(&[Message::user("Grüße!")], true)
+        .unwrap();
+    let mut body = json!({"messages": [{"role": "user", "content": "Grüße!"}], "max_tokens": 8,
+        "temperature": 0, "logprobs": true, "top_logprobs": 5});
+    let (status, bytes) = post(&state, "/v1/chat/completions", &body.to_string(), None).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let reply = json_of(&bytes);
+    let content = reply["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    let completion = reply["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(content.len(), completion);
+    // The tokens' text, decoded one by one, makes the answer.
+    let text: String = content
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(reply["choices"][0]["message"]["content"], text.as_str());
+
+    // Recover the ids greedy decoding chose and score them with the plain forward pass.
+    let mut ids = prompt.clone();
+    let reference = {
+        let model = Model::load(&fixture(name), &candle_core::Device::Cpu).unwrap();
+        let mut sampler = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        });
+        let options = GenerateOptions {
+            max_tokens: 8,
+            stop_ids: tokenizer.eos_ids().to_vec(),
+        };
+        Session::new(&model, None)
+            .generate(&prompt, &options, &mut sampler, |t| {
+                ids.push(t);
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap();
+        reference_logprobs(name, &ids, completion)
+    };
+    for (j, entry) in content.iter().enumerate() {
+        let id = ids[prompt.len() + j];
+        assert_eq!(entry["token"], tokenizer.decode(&[id], false).unwrap());
+        let bytes: Vec<u8> = entry["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(bytes, entry["token"].as_str().unwrap().as_bytes());
+        let logprob = entry["logprob"].as_f64().unwrap();
+        assert!(
+            (logprob - reference[j][id as usize]).abs() < 1e-3,
+            "{j}: {logprob} vs {}",
+            reference[j][id as usize]
+        );
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 5);
+        let tops: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(tops.windows(2).all(|w| w[0] >= w[1]), "{tops:?}");
+        // Greedy picked the most likely token.
+        assert_eq!(logprob, tops[0]);
+        let mut sorted = reference[j].clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        for (got, want) in tops.iter().zip(&sorted) {
+            assert!((got - want).abs() < 1e-3, "{j}: {got} vs {want}");
+        }
+    }
+
+    // Later requests find the prompt cached, which changes the arithmetic in the last bits.
+    let close = |a: &Value, b: &Value| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-4;
+
+    // Streamed, the same entries arrive with the deltas.
+    body["stream"] = json!(true);
+    let (_, bytes) = post(&state, "/v1/chat/completions", &body.to_string(), None).await;
+    let streamed: Vec<Value> = sse_chunks(&bytes)
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(streamed.len(), content.len());
+    for (s, c) in streamed.iter().zip(content) {
+        assert_eq!((&s["token"], &s["bytes"]), (&c["token"], &c["bytes"]));
+        assert!(close(&s["logprob"], &c["logprob"]), "{s} vs {c}");
+        let (st, ct) = (
+            s["top_logprobs"].as_array().unwrap(),
+            c["top_logprobs"].as_array().unwrap(),
+        );
+        assert_eq!(st.len(), ct.len());
+        for (a, b) in st.iter().zip(ct) {
+            assert_eq!(a["token"], b["token"]);
+            assert!(close(&a["logprob"], &b["logprob"]), "{a} vs {b}");
+        }
+    }
+
+    // Completions: OpenAI's legacy shape, the same numbers.
+    let legacy = json!({"prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 2});
+    let (status, bytes) = post(&state, "/v1/completions", &legacy.to_string(), None).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let legacy = json_of(&bytes);
+    let lp = &legacy["choices"][0]["logprobs"];
+    let tokens = lp["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), completion);
+    let mut offset = 0;
+    for (j, entry) in content.iter().enumerate() {
+        assert_eq!(tokens[j], entry["token"]);
+        assert!(close(&lp["token_logprobs"][j], &entry["logprob"]));
+        assert_eq!(lp["text_offset"][j], offset);
+        offset += entry["token"].as_str().unwrap().chars().count();
+        let top = lp["top_logprobs"][j].as_object().unwrap();
+        assert!((1..=2).contains(&top.len()), "{top:?}");
+        assert!(close(
+            &top[entry["token"].as_str().unwrap()],
+            &entry["logprob"]
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r1_logprobs_cover_the_answer_only() {
+    let (_dir, state) = r1_state();
+    let body = json!({"messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 8,
+        "temperature": 0, "logprobs": true});
+    let (_, bytes) = post(&state, "/v1/chat/completions", &body.to_string(), None).await;
+    let reply = json_of(&bytes);
+    // The random model never closes </think>: every token is reasoning, none has logprobs.
+    assert_eq!(reply["choices"][0]["logprobs"], json!({"content": []}));
 }

@@ -62,6 +62,7 @@ pub fn generate(
             prompt: prompt.clone(),
             max_tokens: Some(max_tokens.min(context.saturating_sub(prompt.len()))),
             stop_ids: stop_ids.to_vec(),
+            logprobs: None,
         };
         let id = engine
             .add(request, params.clone())
@@ -77,7 +78,7 @@ pub fn generate(
     ];
     engine.run_until_idle(|event| {
         match event {
-            Event::Token { id, token } => out[index[id]].tokens.push(*token),
+            Event::Token { id, token, .. } => out[index[id]].tokens.push(*token),
             Event::Finished { id, reason, .. } => {
                 out[index[id]].truncated =
                     matches!(reason, StopReason::Length | StopReason::ContextFull);

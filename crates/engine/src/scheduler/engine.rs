@@ -13,6 +13,7 @@ use super::executor::ModelExecutor;
 use super::sequence::{Event, Request, SeqId};
 use super::{ConfigError, Rejected, Scheduler, UnknownSequence};
 use crate::generate::StopReason;
+use crate::logprobs::TokenLogprobs;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::SchedulerConfig;
 
@@ -33,12 +34,20 @@ pub enum EngineError {
     NoSampler(SeqId),
 }
 
-/// A scheduler, the model executor it feeds, and one sampler per live request.
+/// A scheduler, the model executor it feeds, and one sampler per live sequence.
 #[derive(Debug)]
 pub struct Engine<E> {
     scheduler: Scheduler,
     executor: E,
-    samplers: HashMap<SeqId, Sampler>,
+    samplers: HashMap<SeqId, Slot>,
+}
+
+/// How one sequence's tokens are chosen and reported.
+#[derive(Debug)]
+struct Slot {
+    sampler: Sampler,
+    /// `Request::logprobs`: how many alternatives to report with each token, if any.
+    logprobs: Option<usize>,
 }
 
 impl<E: ModelExecutor> Engine<E> {
@@ -63,9 +72,27 @@ impl<E: ModelExecutor> Engine<E> {
 
     /// Queues a request sampled with `sampling`, or says why not.
     pub fn add(&mut self, request: Request, sampling: SamplingParams) -> Result<SeqId, Rejected> {
+        let logprobs = request.logprobs;
         let id = self.scheduler.add(request)?;
-        self.samplers.insert(id, Sampler::new(sampling));
+        let sampler = Sampler::new(sampling);
+        self.samplers.insert(id, Slot { sampler, logprobs });
         Ok(id)
+    }
+
+    /// Queues one sequence per entry of `samplings` (a request's `n` choices), sharing the
+    /// prompt's cache, all or none; see [`Scheduler::add_group`].
+    pub fn add_group(
+        &mut self,
+        request: Request,
+        samplings: Vec<SamplingParams>,
+    ) -> Result<Vec<SeqId>, Rejected> {
+        let logprobs = request.logprobs;
+        let ids = self.scheduler.add_group(request, samplings.len())?;
+        for (&id, sampling) in ids.iter().zip(samplings) {
+            let sampler = Sampler::new(sampling);
+            self.samplers.insert(id, Slot { sampler, logprobs });
+        }
+        Ok(ids)
     }
 
     /// Ends a request at once, freeing its cache; returns its `Finished` event.
@@ -94,6 +121,7 @@ impl<E: ModelExecutor> Engine<E> {
                 source,
             })?;
         let mut sampled = Vec::new();
+        let mut logprobs = Vec::new();
         for seq in step.seqs.iter().filter(|s| s.logits) {
             let id = seq.id;
             let logits = outputs
@@ -104,17 +132,31 @@ impl<E: ModelExecutor> Engine<E> {
             if logits.is_empty() {
                 return Err(EngineError::EmptyLogits(id));
             }
-            let sampler = self
+            let slot = self
                 .samplers
                 .get_mut(&id)
                 .ok_or(EngineError::NoSampler(id))?;
             let history = self.scheduler.tokens(id).unwrap_or_default();
-            sampled.push((id, sampler.sample(logits, history)));
+            let token = slot.sampler.sample(logits, history);
+            if let Some(top) = slot.logprobs {
+                logprobs.push((id, TokenLogprobs::new(logits, token, top)));
+            }
+            sampled.push((id, token));
         }
-        let events = self.scheduler.on_step_done(&sampled);
-        for event in &events {
-            if let Event::Finished { id, .. } = event {
-                self.samplers.remove(id);
+        let mut events = self.scheduler.on_step_done(&sampled);
+        for event in &mut events {
+            match event {
+                Event::Finished { id, .. } => {
+                    self.samplers.remove(id);
+                }
+                Event::Token {
+                    id, logprobs: lp, ..
+                } if !logprobs.is_empty() => {
+                    if let Some(i) = logprobs.iter().position(|(s, _)| s == id) {
+                        *lp = Some(Box::new(logprobs.swap_remove(i).1));
+                    }
+                }
+                Event::Token { .. } => {}
             }
         }
         Ok(events)

@@ -85,6 +85,16 @@ pub enum Rejected {
         max_tokens: usize,
         context: usize,
     },
+    #[error("n = {n} choices: between 1 and the queue's {max_waiting} are possible")]
+    Choices { n: usize, max_waiting: usize },
+    #[error(
+        "n = {n} choices of max_tokens each need {tokens} cache tokens (the prompt counted once), more than the pool's {pool}: lower n or max_tokens"
+    )]
+    ChoicesExceedPool {
+        n: usize,
+        tokens: usize,
+        pool: usize,
+    },
 }
 
 /// The sequence is not waiting or running (finished, cancelled, or never added).
@@ -184,6 +194,26 @@ impl Scheduler {
 
     /// Queues a request at the back, or says why not.
     pub fn add(&mut self, request: Request) -> Result<SeqId, Rejected> {
+        self.check(&request, 1)?;
+        Ok(self.push(request, None))
+    }
+
+    /// Queues the `n` choices of one request as `n` sequences, all or none. The first is admitted
+    /// as usual; the others wait at the front of the queue until it has computed the prompt, then
+    /// find the prompt's full blocks in the prefix cache instead of computing them again (as vLLM's
+    /// parallel sampling shares them). Together they must fit the pool, the prompt counted once.
+    pub fn add_group(&mut self, request: Request, n: usize) -> Result<Vec<SeqId>, Rejected> {
+        self.check(&request, n)?;
+        let first = self.push(request.clone(), None);
+        let mut ids = vec![first];
+        for _ in 1..n {
+            ids.push(self.push(request.clone(), Some(first)));
+        }
+        Ok(ids)
+    }
+
+    /// Why `n` sequences of `request` cannot be queued now, if they cannot.
+    fn check(&self, request: &Request, n: usize) -> Result<(), Rejected> {
         let context = self.config.context;
         let prompt = request.prompt.len();
         if prompt == 0 {
@@ -203,15 +233,29 @@ impl Scheduler {
             }
             _ => {}
         }
-        if self.waiting.len() >= self.config.max_waiting {
-            return Err(Rejected::QueueFull {
-                max_waiting: self.config.max_waiting,
-            });
+        let max_waiting = self.config.max_waiting;
+        if n == 0 || n > max_waiting {
+            return Err(Rejected::Choices { n, max_waiting });
         }
+        let pool = self.config.num_blocks * self.config.block_size;
+        let generated = request.max_tokens.unwrap_or(context - prompt);
+        let tokens = prompt.saturating_add(n.saturating_mul(generated));
+        if n > 1 && tokens > pool {
+            return Err(Rejected::ChoicesExceedPool { n, tokens, pool });
+        }
+        if self.waiting.len() + n > max_waiting {
+            return Err(Rejected::QueueFull { max_waiting });
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, request: Request, after: Option<SeqId>) -> SeqId {
         let id = SeqId(self.next_id);
         self.next_id += 1;
-        self.waiting.push_back(Sequence::new(id, request, context));
-        Ok(id)
+        let mut seq = Sequence::new(id, request, self.config.context);
+        seq.after = after;
+        self.waiting.push_back(seq);
+        id
     }
 
     /// Drops a waiting or running sequence and frees its blocks at once. If it is in the step in
@@ -263,6 +307,10 @@ impl Scheduler {
             let Some(seq) = self.waiting.front() else {
                 break;
             };
+            if seq.after.is_some_and(|first| self.prefilling(first)) {
+                // A later choice waits for the first to cache the prompt they share.
+                break;
+            }
             let Ok(admitted) = self.blocks.admit(seq.id, &seq.tokens, plan.budget) else {
                 // First come, first served: later requests do not overtake the front one.
                 break;
@@ -315,6 +363,13 @@ impl Scheduler {
             }
         }
         events
+    }
+
+    /// Whether `id` is running and has not computed its whole prompt yet.
+    fn prefilling(&self, id: SeqId) -> bool {
+        self.running
+            .iter()
+            .any(|s| s.id == id && s.computed < s.prompt_len)
     }
 
     /// Prompt and generated tokens of a waiting or running sequence: the sampler's history.
@@ -446,6 +501,7 @@ mod tests {
             prompt: prompt.to_vec(),
             max_tokens: Some(max_tokens),
             stop_ids: vec![],
+            logprobs: None,
         };
         s.add(request).unwrap()
     }
@@ -507,6 +563,70 @@ mod tests {
         assert_eq!((usage.completion_tokens, usage.preemptions), (5, 1));
     }
 
+    fn request(prompt: &[u32], max_tokens: usize) -> Request {
+        Request {
+            prompt: prompt.to_vec(),
+            max_tokens: Some(max_tokens),
+            stop_ids: vec![],
+            logprobs: None,
+        }
+    }
+
+    #[test]
+    fn later_choices_wait_for_the_first_to_cache_the_prompt() {
+        let mut s = scheduler(16, 8);
+        let ids = s.add_group(request(&[1, 2, 3, 4, 5], 2), 3).unwrap();
+        // Only the first is admitted while it computes the prompt.
+        let step = s.schedule();
+        assert_eq!(plan(&step), vec![(ids[0], 0, 5)]);
+        finish_step(&mut s, &step);
+        // The prompt's two full blocks are cached now: the others compute only its last token.
+        let step = s.schedule();
+        assert_eq!(
+            plan(&step),
+            vec![(ids[0], 5, 1), (ids[1], 4, 1), (ids[2], 4, 1)]
+        );
+        assert_eq!(s.stats().blocks.hit_tokens, 8);
+        let mut events = finish_step(&mut s, &step);
+        while !s.is_idle() {
+            let step = s.schedule();
+            events.extend(finish_step(&mut s, &step));
+        }
+        let cached: Vec<usize> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Finished { usage, .. } => Some(usage.cached_tokens),
+                Event::Token { .. } => None,
+            })
+            .collect();
+        assert_eq!(cached, vec![0, 4, 4]);
+    }
+
+    #[test]
+    fn a_group_is_queued_whole_or_not_at_all() {
+        // 16 blocks of 2 slots: 32 tokens; 8 may wait.
+        let mut s = scheduler(16, 8);
+        let choices = |n| Rejected::Choices { n, max_waiting: 8 };
+        assert_eq!(s.add_group(request(&[1, 2, 3], 5), 0), Err(choices(0)));
+        assert_eq!(s.add_group(request(&[1, 2, 3], 1), 9), Err(choices(9)));
+        // 3 + 6 x 5 = 33 tokens do not fit the pool; 3 + 5 x 5 = 28 do.
+        assert_eq!(
+            s.add_group(request(&[1, 2, 3], 5), 6),
+            Err(Rejected::ChoicesExceedPool {
+                n: 6,
+                tokens: 33,
+                pool: 32
+            })
+        );
+        assert_eq!(s.add_group(request(&[1, 2, 3], 5), 5).unwrap().len(), 5);
+        assert_eq!(
+            s.add_group(request(&[4, 5], 1), 4),
+            Err(Rejected::QueueFull { max_waiting: 8 })
+        );
+        assert_eq!(s.stats().waiting, 5);
+        assert_eq!(s.add_group(request(&[4, 5], 1), 3).unwrap().len(), 3);
+    }
+
     #[test]
     fn a_sequence_cancelled_during_its_step_is_ignored_when_the_step_completes() {
         let mut s = scheduler(8, 8);
@@ -516,7 +636,14 @@ mod tests {
         assert_eq!(s.cancel(a).unwrap().completion_tokens, 0);
         assert_eq!(s.stats().blocks.in_use, 2);
         let events = finish_step(&mut s, &step);
-        assert_eq!(events, vec![Event::Token { id: b, token: 1 }]);
+        assert_eq!(
+            events,
+            vec![Event::Token {
+                id: b,
+                token: 1,
+                logprobs: None
+            }]
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use std::fmt;
 
 use crate::generate::StopReason;
+use crate::logprobs::TokenLogprobs;
 
 /// The scheduler's handle on one request, unique for the scheduler's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -26,6 +27,8 @@ pub struct Request {
     pub max_tokens: Option<usize>,
     /// Token ids that end generation (end of text, end of turn); they are not passed on.
     pub stop_ids: Vec<u32>,
+    /// `Some(k)`: report each token's log-probability and the `k` most likely alternatives.
+    pub logprobs: Option<usize>,
 }
 
 /// Token counts of one request, reported when it finishes.
@@ -40,10 +43,15 @@ pub struct Usage {
 }
 
 /// What the engine reports to whoever waits on a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// One generated token, in order.
-    Token { id: SeqId, token: u32 },
+    /// One generated token, in order, with its log-probabilities if the request asked for them
+    /// (boxed: requests that do not ask pay one null pointer).
+    Token {
+        id: SeqId,
+        token: u32,
+        logprobs: Option<Box<TokenLogprobs>>,
+    },
     /// The request is done and holds no cache any more; nothing follows for `id`.
     Finished {
         id: SeqId,
@@ -67,6 +75,9 @@ pub(crate) struct Sequence {
     pub context: usize,
     pub cached_tokens: usize,
     pub preemptions: usize,
+    /// A sibling of the same prompt (another of the request's `n` choices) whose prefill this one
+    /// waits for before admission, so that it finds the prompt in the prefix cache.
+    pub after: Option<SeqId>,
 }
 
 impl Sequence {
@@ -82,6 +93,7 @@ impl Sequence {
             context,
             cached_tokens: 0,
             preemptions: 0,
+            after: None,
         }
     }
 
@@ -113,7 +125,11 @@ impl Sequence {
             return (None, Some(StopReason::StopToken));
         }
         self.tokens.push(token);
-        let event = Some(Event::Token { id: self.id, token });
+        let event = Some(Event::Token {
+            id: self.id,
+            token,
+            logprobs: None,
+        });
         let stop = if self.max_tokens == Some(self.generated()) {
             Some(StopReason::Length)
         } else if self.tokens.len() >= self.context {
@@ -134,6 +150,7 @@ mod tests {
             prompt: vec![1, 2, 3],
             max_tokens,
             stop_ids: vec![0],
+            logprobs: None,
         };
         Sequence::new(SeqId(7), request, context)
     }
