@@ -275,8 +275,8 @@ pub fn measured_peak_flops() -> Result<f64> {
 pub struct PretrainReport {
     /// Steps completed in all (resumed ones included).
     pub steps: usize,
-    /// The last loss.
-    pub loss: f64,
+    /// The loss of the last step this invocation ran (`None` when the run was already complete).
+    pub loss: Option<f64>,
     /// Whether the run stopped early on request (Ctrl-C); the checkpoint holds its last step.
     pub interrupted: bool,
     pub checkpoint: PathBuf,
@@ -437,7 +437,7 @@ pub fn pretrain(
     )?;
     Ok(PretrainReport {
         steps: step,
-        loss: loss_value,
+        loss: loss_value.is_finite().then_some(loss_value),
         interrupted,
         checkpoint: ckpt_dir,
         mfu: if seconds_done > 0.0 {
