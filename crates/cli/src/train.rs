@@ -77,7 +77,7 @@ pub fn train(command: TrainCommand) -> anyhow::Result<()> {
             let stop = stop_flag()?;
             let report = tiefsee_train::pretrain::pretrain(&cfg, &args.out, &stop, !args.quiet)?;
             eprintln!(
-                "{} after {} of {} steps: loss {:.4}, MFU {:.1}% of this machine's measured f32 matmul rate; checkpoint {}",
+                "{} after {} of {} steps: loss {}, MFU {:.1}% of this machine's measured f32 matmul rate; checkpoint {}",
                 if report.interrupted {
                     "stopped"
                 } else {
@@ -85,7 +85,7 @@ pub fn train(command: TrainCommand) -> anyhow::Result<()> {
                 },
                 report.steps,
                 cfg.steps,
-                report.loss,
+                report.loss.map_or("-".to_string(), |l| format!("{l:.4}")),
                 100.0 * report.mfu,
                 report.checkpoint.display()
             );

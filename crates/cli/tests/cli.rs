@@ -1,16 +1,14 @@
 //! End-to-end tests of the `tiefsee` binary on the fixture checkpoints: outputs against what
 //! transformers computed, and bad input against clear errors (never a panic).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use serde_json::Value;
+use common::{assert_fails_with, fixture, stderr, stdout, tiefsee};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name)
-}
+use serde_json::Value;
 
 const VARIANTS: &[&str] = &[
     "deepseek-v2-lite",
@@ -24,35 +22,6 @@ const VARIANTS: &[&str] = &[
 fn golden(name: &str) -> Value {
     let text = std::fs::read_to_string(fixture(name).join("golden.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn tiefsee(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tiefsee"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("tiefsee runs")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Asserts a clean failure whose message contains every one of `needles`.
-fn assert_fails_with(out: &Output, needles: &[&str]) {
-    let err = stderr(out);
-    assert!(
-        !out.status.success(),
-        "expected a failure, got success: {err}"
-    );
-    assert!(!err.contains("panicked"), "panicked: {err}");
-    for needle in needles {
-        assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
-    }
 }
 
 #[test]

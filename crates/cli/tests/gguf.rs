@@ -2,8 +2,11 @@
 //! the checkpoint fixtures): the same outputs as transformers computed for the checkpoints, and damaged
 //! files refused with a message that names the problem.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+
+use common::{assert_fails_with, stderr, tiefsee};
 
 use serde_json::Value;
 
@@ -33,28 +36,6 @@ fn gguf(name: &str) -> String {
 fn golden(variant: &str) -> Value {
     let path = fixtures().join("models").join(variant).join("golden.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn tiefsee(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tiefsee"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("tiefsee runs")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Asserts exit code 1 and a message containing every one of `needles`, without a panic.
-fn assert_fails_with(out: &Output, needles: &[&str]) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(1), "expected exit 1: {err}");
-    assert!(!err.contains("panicked"), "panicked: {err}");
-    for needle in needles {
-        assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
-    }
 }
 
 #[test]

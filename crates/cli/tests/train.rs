@@ -1,25 +1,16 @@
 //! `tiefsee train` and `tiefsee eval` as a user runs them: a tiny preset trained end to end through
 //! the binary, its checkpoint used by `run` and `eval --json`, and bad input refused clearly.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+
+use common::{fixture, stderr, tiefsee};
 
 fn preset(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../train/tests")
         .join(name)
-}
-
-fn tiefsee(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tiefsee"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("tiefsee runs")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
@@ -132,15 +123,14 @@ fn bad_training_input_is_named() {
     );
 
     // eval of a model without task.json and no --task.
-    let fixture =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/deepseek-v3");
-    let out = tiefsee(&["eval", "--model", fixture.to_str().unwrap()]);
+    let model = fixture("deepseek-v3");
+    let out = tiefsee(&["eval", "--model", model.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("pass --task"), "{}", stderr(&out));
     let out = tiefsee(&[
         "eval",
         "--model",
-        fixture.to_str().unwrap(),
+        model.to_str().unwrap(),
         "--task",
         "poetry",
     ]);
