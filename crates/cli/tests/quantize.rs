@@ -1,6 +1,6 @@
-//! `tiefsee quantize` against llama.cpp: the fixture checkpoints written as GGUF must equal what llama.cpp's
-//! converter wrote for them (tests/fixtures/gguf-models, made by tests/fixtures/make_gguf_models.py) in
-//! every metadata value and tensor byte, and in the order too where no `llama-quantize` step is involved;
+//! `tiefsee quantize` against llama.cpp: the fixture checkpoints written as GGUF must equal what llama.cpp
+//! wrote for them (tests/fixtures/gguf-models: its converter, tests/fixtures/make_gguf_models.py, and its
+//! quantizer, tests/fixtures/make_llama_quantize.py) in every metadata value and tensor byte, and in order;
 //! every written file must load in tiefsee with the logits of the checkpoint. `bench` is checked here too.
 //!
 //! Left out of the comparison: `general.name` / `basename` / `version`, which the converter guesses from
@@ -136,6 +136,7 @@ fn float_files_equal_the_converters_in_order_and_bytes() {
 
 #[test]
 fn q8_0_equals_the_converters_in_llama_quantize_order() {
+    // The converter's own Q8_0 has the same types and bytes as llama-quantize's, in the converter's order.
     let tmp = tempfile::tempdir().unwrap();
     for variant in ["deepseek-v3", "qwen2"] {
         let ours = quantize(variant, "q8_0", tmp.path());
@@ -163,6 +164,20 @@ fn q8_0_equals_the_converters_in_llama_quantize_order() {
             file.metadata().get("general.file_type"),
             Some(&MetadataValue::U32(7))
         );
+    }
+}
+
+#[test]
+fn q4_k_m_equals_llama_quantize_in_order_and_bytes() {
+    // Fixtures made by llama.cpp's own quantizer (tests/fixtures/make_llama_quantize.py) from the
+    // converter's lossless files; only the name keys differ.
+    let tmp = tempfile::tempdir().unwrap();
+    for variant in ["deepseek-v3", "qwen2", "llama3"] {
+        let ours = quantize(variant, "q4_k_m", tmp.path());
+        let theirs = fixtures()
+            .join("gguf-models")
+            .join(format!("{variant}.q4_k_m.gguf"));
+        assert_same(&ours, &theirs, true, &[]);
     }
 }
 
