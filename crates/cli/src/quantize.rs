@@ -46,7 +46,14 @@ pub fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
     }
     let cannot = || format!("cannot convert the checkpoint in {}", dir.display());
     let config = ModelConfig::from_dir(dir).with_context(cannot)?;
-    let checkpoint = Checkpoint::open(dir, &Device::Cpu).with_context(cannot)?;
+    // DeepSeek's FP8 release: weights are dequantized with their block scales, as for inference.
+    let fp8 = match &config {
+        ModelConfig::DeepSeek(c) => c.fp8_block_size,
+        ModelConfig::Llama(_) => None,
+    };
+    let checkpoint = Checkpoint::open(dir, &Device::Cpu)
+        .with_context(cannot)?
+        .with_fp8_block_size(fp8);
     let vocab = tiefsee_tokenizer::gguf_vocab_metadata(dir, config.vocab_size())
         .with_context(|| format!("cannot convert the tokenizer in {}", dir.display()))?;
     let plan = export::plan(dir, &checkpoint, args.ty, vocab).with_context(cannot)?;

@@ -237,6 +237,90 @@ fn written_files_give_the_checkpoints_logits() {
     }
 }
 
+/// A copy of `variant` with the deepseek-v3 fixture's tokenizer cut down to `vocab` ids (vocabulary,
+/// added tokens and the merges among what is left), for checkpoints that ship without one.
+fn with_small_tokenizer(variant: &str, vocab: u64, dir: &Path) -> PathBuf {
+    let out = dir.join(variant);
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(model_dir(variant)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
+    }
+    let source = model_dir("deepseek-v3");
+    let mut tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let kept: serde_json::Map<String, Value> = tok["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, id)| id.as_u64().unwrap() < vocab)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let merges: Vec<Value> = tok["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| {
+            let parts: Vec<String> = match m {
+                Value::String(s) => s.split(' ').map(str::to_owned).collect(),
+                Value::Array(p) => p.iter().map(|x| x.as_str().unwrap().to_owned()).collect(),
+                _ => unreachable!(),
+            };
+            parts.iter().all(|p| kept.contains_key(p)) && kept.contains_key(&parts.concat())
+        })
+        .cloned()
+        .collect();
+    let added: Vec<Value> = tok["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["id"].as_u64().unwrap() < vocab)
+        .cloned()
+        .collect();
+    tok["model"]["vocab"] = Value::Object(kept);
+    tok["model"]["merges"] = Value::Array(merges);
+    tok["added_tokens"] = Value::Array(added);
+    std::fs::write(out.join("tokenizer.json"), tok.to_string()).unwrap();
+    std::fs::copy(
+        source.join("tokenizer_config.json"),
+        out.join("tokenizer_config.json"),
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn fp8_and_transformers_5_checkpoints_convert() {
+    // DeepSeek's FP8 release (block-scaled e4m3, dequantized on the way) and transformers 5's form
+    // (fused experts `gate_up_proj`, `rope_parameters`): written as f32, the logits of the checkpoint.
+    let tmp = tempfile::tempdir().unwrap();
+    let transformers = with_small_tokenizer("deepseek-v3-transformers", 300, tmp.path());
+    for (dir, reference) in [
+        (model_dir("deepseek-v3-fp8"), model_dir("deepseek-v3-fp8")),
+        (transformers, model_dir("deepseek-v3-transformers")),
+    ] {
+        let out = tmp.path().join("out.f32.gguf");
+        let run = tiefsee(&[
+            "quantize",
+            "--model",
+            dir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--type",
+            "f32",
+        ]);
+        assert!(run.status.success(), "{}: {}", dir.display(), stderr(&run));
+        let ids = [0u32, 5, 17, 42, 99, 123, 250];
+        let err = relative_error(&all_logits(&out, &ids), &all_logits(&reference, &ids));
+        assert!(
+            err < 1e-5,
+            "{}: logits differ by {err:e} of their spread",
+            dir.display()
+        );
+    }
+}
+
 #[test]
 fn q4_k_m_follows_llama_quantizes_mix() {
     let tmp = tempfile::tempdir().unwrap();

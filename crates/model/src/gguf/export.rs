@@ -16,7 +16,9 @@
 //!   what llama-quantize computes from a lossless (`--outtype f32`, or `bf16` for a bf16 checkpoint)
 //!   conversion.
 //!
-//! Departures: `general.name` is the folder's name (the converter guesses name, base name and version
+//! Departures: `expert_gating_func` is written even when `config.json` does not name `scoring_func`
+//! (transformers 5's V3 configs), where the converter leaves it out and llama.cpp assumes softmax;
+//! `general.name` is the folder's name (the converter guesses name, base name and version
 //! from it with heuristics not reproduced here); checkpoint shards are not kept apart in the float order
 //! (the converter sorts within each shard); transformers 5's fused experts (`experts.gate_up_proj`) are
 //! split into the stacked gate and up tensors.
@@ -27,7 +29,7 @@ use candle_core::Tensor;
 use serde_json::Value;
 use tiefsee_gguf::{GgmlType, GgufWriter, MetadataValue};
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, ScoringFunc};
 use crate::error::{ModelError, Result};
 use crate::gguf::config::GgufArch;
 use crate::gguf::mix::{self, FileType, MixFacts};
@@ -413,10 +415,17 @@ fn hparams(
                 md.set(&format!("{a}.{gguf}"), u32v(v));
             }
         }
-        match r.get("scoring_func").and_then(Value::as_str) {
-            Some("softmax") => md.set(&format!("{a}.expert_gating_func"), u32v(1)),
-            Some("sigmoid") => md.set(&format!("{a}.expert_gating_func"), u32v(2)),
-            _ => {}
+        // The converter writes this only when config.json names `scoring_func`; transformers 5 does not
+        // save it for V3 (always sigmoid there), and llama.cpp then falls back to softmax, which is
+        // wrong. tiefsee writes the function the model uses whenever there are experts.
+        if let ModelConfig::DeepSeek(c) = config
+            && (r.get("scoring_func").is_some() || c.n_routed_experts > 0)
+        {
+            let func = match c.scoring_func {
+                ScoringFunc::Softmax => 1,
+                ScoringFunc::Sigmoid => 2,
+            };
+            md.set(&format!("{a}.expert_gating_func"), u32v(func));
         }
     }
     // transformers' configs carry `head_dim` (DeepSeek's and Llama's always): its key/value lengths
@@ -438,7 +447,13 @@ fn hparams(
     md.set("general.file_type", u32v(ftype.llama_ftype()));
     match config {
         ModelConfig::DeepSeek(c) => {
-            let first_dense = r.uint("first_k_dense_replace").unwrap_or(0);
+            // Without routed experts every layer is dense.
+            let all_dense = r.get("n_routed_experts").is_none();
+            let first_dense = r.uint("first_k_dense_replace").unwrap_or(if all_dense {
+                c.num_hidden_layers as u32
+            } else {
+                0
+            });
             md.set(&format!("{a}.leading_dense_block_count"), u32v(first_dense));
             md.set(&format!("{a}.vocab_size"), u32v(c.vocab_size as u32));
             if let Some(q) = r.uint("q_lora_rank") {
