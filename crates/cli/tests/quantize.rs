@@ -388,6 +388,40 @@ fn bad_quantize_input_is_a_clear_error() {
         stderr(&run)
     );
 
+    let no_tokenizer = tmp.path().join("no-tokenizer");
+    std::fs::create_dir(&no_tokenizer).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(model_dir("qwen2").join(f), no_tokenizer.join(f)).unwrap();
+    }
+    let run = tiefsee(&[
+        "quantize",
+        "--model",
+        no_tokenizer.to_str().unwrap(),
+        "--out",
+        out,
+        "--type",
+        "f16",
+    ]);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(
+        stderr(&run).contains("tokenizer.json: file not found"),
+        "{}",
+        stderr(&run)
+    );
+
+    let gguf = fixtures().join("gguf-models").join("qwen2.f16.gguf");
+    let run = tiefsee(&[
+        "quantize",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--out",
+        out,
+        "--type",
+        "q8_0",
+    ]);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(stderr(&run).contains("is a file"), "{}", stderr(&run));
+
     let qwen = model_dir("qwen2");
     let run = tiefsee(&[
         "quantize",

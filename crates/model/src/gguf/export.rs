@@ -23,7 +23,7 @@
 //! (the converter sorts within each shard); transformers 5's fused experts (`experts.gate_up_proj`) are
 //! split into the stacked gate and up tensors.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use serde_json::Value;
@@ -87,6 +87,8 @@ pub struct ExportTensor {
 pub struct ExportPlan {
     pub metadata: Vec<(String, MetadataValue)>,
     pub tensors: Vec<ExportTensor>,
+    /// The checkpoint folder, for messages.
+    dir: PathBuf,
 }
 
 /// Plans the GGUF file of the checkpoint in `dir` (opened as `checkpoint`) for `ftype`, with the
@@ -135,7 +137,7 @@ pub fn plan(
             )
         }
     };
-    let mut tensors = tensor_list(&config, &raw, arch, checkpoint)?;
+    let mut tensors = tensor_list(dir, &config, &raw, arch, checkpoint)?;
     if ftype.is_quantized() {
         tensors.sort_by(|a, b| mix::quantize_order(&a.name, &b.name));
     }
@@ -185,6 +187,7 @@ pub fn plan(
     Ok(ExportPlan {
         metadata: md.0,
         tensors,
+        dir: dir.to_path_buf(),
     })
 }
 
@@ -208,7 +211,7 @@ pub fn write(
             .shape_of(name)
             .ok_or_else(|| ModelError::MissingTensor {
                 name: name.to_owned(),
-                dir: out.to_path_buf(),
+                dir: plan.dir.clone(),
             })?
             .to_vec();
         checkpoint.get(name, &shape)
@@ -552,6 +555,7 @@ fn rounded_count(n: usize) -> String {
 
 /// The tensors of the file in the converter's order, types still unset.
 fn tensor_list(
+    dir: &Path,
     config: &ModelConfig,
     raw: &Value,
     arch: GgufArch,
@@ -559,10 +563,9 @@ fn tensor_list(
 ) -> Result<Vec<ExportTensor>> {
     let mut names: Vec<&str> = checkpoint.names().collect();
     names.sort_unstable();
-    let unknown = |name: &str| ModelError::UnsupportedConfig {
-        field: "tensors",
-        value: name.to_owned(),
-        reason: "this checkpoint tensor has no llama.cpp name",
+    let unknown = |name: &str| ModelError::NoGgufName {
+        name: name.to_owned(),
+        dir: dir.to_path_buf(),
     };
     let shape_of = |name: &str| checkpoint.shape_of(name).unwrap_or_default().to_vec();
     let plain = |gguf: String, name: &str| ExportTensor {
@@ -603,7 +606,7 @@ fn tensor_list(
             ModelConfig::DeepSeek(c) if name.contains(".mlp.experts.") => {
                 let layer = layer.ok_or_else(|| unknown(name))?;
                 if experts_done.insert(layer) {
-                    out.extend(stacked_experts(checkpoint, layer, c.n_routed_experts)?);
+                    out.extend(stacked_experts(dir, checkpoint, layer, c.n_routed_experts)?);
                 }
             }
             ModelConfig::DeepSeek(c) if name.ends_with("self_attn.kv_b_proj.weight") => {
@@ -657,6 +660,7 @@ fn tensor_list(
 
 /// The three stacked expert tensors of `layer`, per-expert or fused (transformers 5) in the checkpoint.
 fn stacked_experts(
+    dir: &Path,
     checkpoint: &Checkpoint,
     layer: usize,
     n_experts: usize,
@@ -664,7 +668,7 @@ fn stacked_experts(
     let prefix = format!("model.layers.{layer}.mlp.experts");
     let missing = |name: String| ModelError::MissingTensor {
         name,
-        dir: "the checkpoint".into(),
+        dir: dir.to_path_buf(),
     };
     let fused = format!("{prefix}.gate_up_proj");
     let mut out = Vec::new();
