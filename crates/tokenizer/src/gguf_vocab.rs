@@ -13,8 +13,9 @@
 //!
 //! Departures: the converter names the pre-tokenizer (`tokenizer.ggml.pre`) by hashing the ids of a test
 //! text; here it is recognized by the first regex split of `tokenizer.json`'s pre-tokenizer (the same
-//! splits that llama.cpp implements under that name), and the families tiefsee runs are the only ones
-//! known. Non-normalized added tokens are written as they are (the converter round-trips them through
+//! splits that llama.cpp implements under that name; Qwen2's splits with DeepSeek's special tokens are
+//! `deepseek-r1-qwen`, as the converter names DeepSeek-R1-Distill-Qwen), and the families tiefsee runs are
+//! the only ones known. Non-normalized added tokens are written as they are (the converter round-trips them through
 //! transformers, which leaves the ones of these families unchanged). A list of named chat templates is
 //! not supported.
 
@@ -220,11 +221,20 @@ fn pre_tokenizer_name(tokenizer: &Value) -> std::result::Result<&'static str, St
         "no regex split: tiefsee converts byte-level BPE tokenizers of the DeepSeek, Qwen2 and Llama 3 families"
             .to_owned()
     })?;
-    PRE_BY_FIRST_REGEX
+    let name = PRE_BY_FIRST_REGEX
         .iter()
         .find(|(r, _)| *r == regex)
-        .map(|(_, name)| *name)
-        .ok_or_else(|| {
+        .map(|(_, name)| *name);
+    // DeepSeek-R1-Distill-Qwen: Qwen2's splits with DeepSeek's special tokens, which the converter's hash
+    // names "deepseek-r1-qwen" (llama.cpp treats both names alike).
+    let deepseek_bos = tokenizer["added_tokens"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|t| t["content"] == "<｜begin▁of▁sentence｜>"));
+    let name = match name {
+        Some("qwen2") if deepseek_bos => Some("deepseek-r1-qwen"),
+        other => other,
+    };
+    name.ok_or_else(|| {
             format!(
                 "unknown pre-tokenizer split {regex:?}: tiefsee knows those of deepseek-llm, deepseek-v3, llama-bpe and qwen2"
             )

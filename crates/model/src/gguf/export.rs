@@ -147,7 +147,7 @@ pub fn plan(
         .collect();
     for (t, ty) in tensors
         .iter_mut()
-        .zip(mix::quantized_types(&shapes, ftype, &facts))
+        .zip(mix::tensor_types(&shapes, ftype, &facts))
     {
         t.ggml_type = ty;
     }

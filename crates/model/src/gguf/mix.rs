@@ -14,7 +14,7 @@
 //!   `Q8_0`, and F16 when even 32 does not divide it.
 //!
 //! The counters `i_attention_wv` / `i_ffn_down` of llama.cpp advance in its tensor order (sorted by block,
-//! then name), so [`quantized_types`] must be given the tensors in that order.
+//! then name), so [`tensor_types`] must be given the tensors in that order.
 
 use tiefsee_gguf::GgmlType;
 
@@ -166,9 +166,9 @@ fn fallback(ty: GgmlType, ncols: usize) -> GgmlType {
     }
 }
 
-/// llama-quantize's type for each tensor, `(name, row-major shape)` in its order (see the module
-/// documentation), for a quantized `ftype`.
-pub fn quantized_types(
+/// The type of each tensor, `(name, row-major shape)`: the converter's for a float `ftype`,
+/// llama-quantize's for a quantized one (then in llama-quantize's order, see the module documentation).
+pub fn tensor_types(
     tensors: &[(String, Vec<usize>)],
     ftype: FileType,
     facts: &MixFacts,
@@ -302,11 +302,11 @@ mod tests {
         // dense model's ffn_down by its own counter (0 and 1 of 28: both); attn_k's 96 columns fall
         // back to Q5_0.
         assert_eq!(
-            quantized_types(&tensors, FileType::Q4_K_M, &f),
+            tensor_types(&tensors, FileType::Q4_K_M, &f),
             [Q6_K, Q4_K, F32, F32, Q4_K, Q6_K, Q4_K, Q6_K, Q6_K, Q5_0]
         );
         assert_eq!(
-            quantized_types(&tensors, FileType::Q8_0, &f),
+            tensor_types(&tensors, FileType::Q8_0, &f),
             [Q8_0, Q8_0, F32, F32, Q8_0, Q8_0, Q8_0, Q8_0, Q8_0, Q8_0]
         );
     }
@@ -336,7 +336,7 @@ mod tests {
         .collect();
         // 4 layers: layer 1 is not in the first/last eighth (0 and 3..), (1 - 0) % 3 != 2.
         assert_eq!(
-            quantized_types(&tensors, FileType::Q4_K_M, &facts(4, 8)),
+            tensor_types(&tensors, FileType::Q4_K_M, &facts(4, 8)),
             [Q6_K, Q5_K, Q4_K, F32]
         );
     }
