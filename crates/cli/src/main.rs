@@ -3,11 +3,13 @@
 //! Generated text goes to stdout, streamed; statistics and errors go to stderr. Every failure is a
 //! message naming the problem and a non-zero exit, never a panic.
 
+mod bench;
 mod chat;
 mod common;
 mod eval;
 mod info;
 mod perplexity;
+mod quantize;
 mod run;
 mod serve;
 mod train;
@@ -42,6 +44,10 @@ enum Command {
     Train(train::TrainCommand),
     /// Held-out accuracy of a trained model on its task.
     Eval(eval::EvalArgs),
+    /// Write a checkpoint folder as a GGUF file (f32, f16, q8_0, q4_k_m) as llama.cpp would.
+    Quantize(quantize::QuantizeArgs),
+    /// Prompt-processing and generation speed, as llama.cpp's llama-bench measures it.
+    Bench(bench::BenchArgs),
 }
 
 /// The checkpoint used when `--model` is not given.
@@ -66,20 +72,28 @@ pub fn model_dir(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         })
 }
 
-/// Fixes the matmul thread count once. candle asks for it on every matrix product and, unless
-/// `RAYON_NUM_THREADS` is set, re-derives it by parsing /proc/cpuinfo each time: measured here, that
-/// halved decode speed. Default: all cores.
-fn pin_thread_count() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // SAFETY: called first thing in `main`, before any other thread exists.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", cores.to_string()) };
-    }
+/// Fixes the matmul thread count once: `threads` if given, else `RAYON_NUM_THREADS`, else all cores.
+/// candle asks for it on every matrix product and, unless `RAYON_NUM_THREADS` is set, re-derives it by
+/// parsing /proc/cpuinfo each time: measured here, that halved decode speed.
+fn pin_thread_count(threads: Option<usize>) {
+    let count = match threads {
+        Some(n) => n.to_string(),
+        None if std::env::var_os("RAYON_NUM_THREADS").is_some() => return,
+        None => std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .to_string(),
+    };
+    // SAFETY: called in `main` right after argument parsing, before any other thread exists.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", count) };
 }
 
 fn main() -> ExitCode {
-    pin_thread_count();
     let cli = Cli::parse();
+    let threads = match &cli.command {
+        Command::Bench(args) => args.threads.filter(|&n| n > 0),
+        _ => None,
+    };
+    pin_thread_count(threads);
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Chat(args) => chat::chat(args),
@@ -88,6 +102,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(args),
         Command::Train(command) => train::train(command),
         Command::Eval(args) => eval::eval(args),
+        Command::Quantize(args) => quantize::quantize(args),
+        Command::Bench(args) => bench::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

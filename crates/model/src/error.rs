@@ -63,6 +63,8 @@ pub enum ModelError {
         name: String,
         arch: String,
     },
+    #[error("{dir}: tensor {name} has no llama.cpp (GGUF) name, so it cannot be written to GGUF")]
+    NoGgufName { name: String, dir: PathBuf },
     #[error("{path}: its metadata gives an invalid configuration: {source}")]
     GgufConfig {
         path: PathBuf,

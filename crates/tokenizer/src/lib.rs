@@ -2,7 +2,8 @@
 //!
 //! - [`Tokenizer`]: a model directory's `tokenizer.json` (through the `tokenizers` crate) with its
 //!   `tokenizer_config.json` and `generation_config.json`, encoding and decoding exactly as transformers 5;
-//!   or the vocabulary in a GGUF file's metadata, encoding as llama.cpp ([`gguf`]).
+//!   or the vocabulary in a GGUF file's metadata, encoding as llama.cpp ([`gguf`]); and the other way,
+//!   a checkpoint's tokenizer as the GGUF metadata llama.cpp's converter writes ([`gguf_vocab_metadata`]).
 //! - [`StreamDecoder`]: decoding one generated id at a time without ever emitting half a character.
 //! - [`ChatTemplate`]: the model's own Jinja chat template, rendered byte-identical to transformers'
 //!   `apply_chat_template` (minijinja plus the Python-isms transformers' Jinja2 environment has).
@@ -32,6 +33,7 @@ mod chat_template;
 mod config;
 mod error;
 pub mod gguf;
+mod gguf_vocab;
 mod pyfmt;
 mod reasoning;
 mod stop;
@@ -40,6 +42,7 @@ mod tokenizer;
 
 pub use chat_template::{ChatTemplate, Message, RenderOptions};
 pub use error::{Error, Result};
+pub use gguf_vocab::gguf_vocab_metadata;
 pub use reasoning::{ReasoningDelta, ReasoningParser};
 pub use stop::StopStrings;
 pub use stream::StreamDecoder;

@@ -5,8 +5,13 @@
 //! A GGUF file becomes the two things a Hugging Face folder gives: a [`ModelConfig`] (from the metadata,
 //! [`config`]) and a [`Checkpoint`] whose tensors carry the Hugging Face names ([`tensors`]), so the
 //! model code is the same for both formats. Weights are dequantized to f32 when fetched.
+//!
+//! The other way, [`export`] writes a checkpoint as such a file (`tiefsee quantize`), with the type
+//! of each tensor chosen as llama.cpp does ([`mix`]).
 
 pub mod config;
+pub mod export;
+pub mod mix;
 pub mod tensors;
 
 use std::path::Path;

@@ -86,6 +86,30 @@ const GLOBAL: &[(&str, &str)] = &[
 /// GGUF tensors that configure rather than hold weights (read by the config, not by the layers).
 const CONFIG_TENSORS: &[&str] = &["rope_freqs.weight"];
 
+/// llama.cpp's name for a checkpoint tensor (`model.layers.3.mlp.gate_proj.weight` ->
+/// `blk.3.ffn_gate.weight`), from the same tables the reader uses; `None` for routed experts, `kv_b_proj`
+/// (both made of several checkpoint tensors) and names the tables lack.
+pub(crate) fn gguf_name(hf: &str) -> Option<String> {
+    if let Some((g, _)) = GLOBAL.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (g, _) = NAMES.iter().find(|(_, h)| *h == rest)?;
+    Some(format!("blk.{layer}.{g}"))
+}
+
+/// llama.cpp's names of the stacked routed experts with the per-expert checkpoint suffix, in the
+/// converter's order (down, gate, up).
+pub(crate) fn expert_names() -> [(&'static str, &'static str); 3] {
+    let find = |g: &str| *EXPERTS.iter().find(|(n, _)| *n == g).expect("listed");
+    [
+        find("ffn_down_exps.weight"),
+        find("ffn_gate_exps.weight"),
+        find("ffn_up_exps.weight"),
+    ]
+}
+
 /// How one checkpoint tensor is made from GGUF tensors.
 #[derive(Debug, Clone)]
 pub enum Source {

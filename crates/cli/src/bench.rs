@@ -1,0 +1,210 @@
+//! `tiefsee bench`: prompt-processing (pp) and text-generation (tg) speed, measured as llama.cpp's
+//! `llama-bench` does so the two can be compared on the same file.
+//!
+//! Like llama-bench: random token ids (the model's speed does not depend on them), one warm-up run of
+//! each test first (candle repacks quantized weights on first use), then `-r` timed repetitions, each
+//! on a fresh cache holding `--depth` tokens that are not timed; pp is one forward pass over `-p` tokens
+//! with logits for the last one only, tg is `-n` forward passes of one token each. Reported: mean and
+//! standard deviation of the per-repetition tokens/s.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use candle_core::Device;
+use clap::Args;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tiefsee_model::{Logits, Model};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Checkpoint folder (config.json + safetensors) or GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt tokens processed in one pass (0 skips the test).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    n_prompt: usize,
+    /// Tokens generated one at a time (0 skips the test).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    n_gen: usize,
+    /// Threads for the matrix products (all cores by default).
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Timed repetitions of each test.
+    #[arg(short = 'r', long, default_value_t = 3)]
+    repetitions: usize,
+    /// Tokens already in the cache before each test (not timed).
+    #[arg(short = 'd', long, default_value_t = 0)]
+    depth: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Mean and sample standard deviation, as llama-bench reports them.
+fn mean_std(samples: &[f64]) -> (f64, f64) {
+    let n = samples.len() as f64;
+    let mean = samples.iter().sum::<f64>() / n;
+    if samples.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = samples.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+/// Refuses flag values that measure nothing.
+pub fn check(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.n_prompt == 0 && args.n_gen == 0 {
+        bail!("-p and -n are both 0: nothing to measure");
+    }
+    if args.repetitions == 0 {
+        bail!("-r must be at least 1");
+    }
+    if args.threads == Some(0) {
+        bail!("-t must be at least 1");
+    }
+    Ok(())
+}
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    check(&args)?;
+    let model = Model::load(&args.model, &Device::Cpu)
+        .with_context(|| format!("cannot load the model in {}", args.model.display()))?;
+    let info = model.info().clone();
+    let longest = args.depth + args.n_prompt.max(args.n_gen);
+    if longest > info.context_length {
+        bail!(
+            "--depth {} plus {} tokens need a context of {longest}, the model's is {}",
+            args.depth,
+            args.n_prompt.max(args.n_gen),
+            info.context_length
+        );
+    }
+    let threads: usize = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
+    let vocab = info.vocab_size as u32;
+    let mut random_tokens =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
+    let depth_tokens = random_tokens(args.depth);
+    let prompt = random_tokens(args.n_prompt);
+    let gen_tokens = random_tokens(args.n_gen.max(1));
+
+    // A fresh cache holding the depth tokens.
+    let fresh = |extra: usize| -> anyhow::Result<_> {
+        let mut cache = model.new_cache(Some(args.depth + extra));
+        if !depth_tokens.is_empty() {
+            model.forward(&depth_tokens, &mut cache, Logits::Last)?;
+        }
+        Ok(cache)
+    };
+    let run_pp = || -> anyhow::Result<f64> {
+        let mut cache = fresh(prompt.len())?;
+        let start = Instant::now();
+        model.forward(&prompt, &mut cache, Logits::Last)?;
+        Ok(prompt.len() as f64 / start.elapsed().as_secs_f64())
+    };
+    let run_tg = |n: usize| -> anyhow::Result<f64> {
+        let mut cache = fresh(n)?;
+        let start = Instant::now();
+        for &t in &gen_tokens[..n] {
+            model.forward(&[t], &mut cache, Logits::Last)?;
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    };
+
+    let mut pp = Vec::new();
+    if args.n_prompt > 0 {
+        run_pp()?; // warm-up
+        for _ in 0..args.repetitions {
+            pp.push(run_pp()?);
+        }
+    }
+    let mut tg = Vec::new();
+    if args.n_gen > 0 {
+        run_tg(1)?; // warm-up, as llama-bench: one token
+        for _ in 0..args.repetitions {
+            tg.push(run_tg(args.n_gen)?);
+        }
+    }
+
+    let stat = |s: &[f64]| (!s.is_empty()).then(|| mean_std(s));
+    let (pp_stat, tg_stat) = (stat(&pp), stat(&tg));
+    let size_bytes = std::fs::metadata(&args.model)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len());
+    if args.json {
+        let out = json!({
+            "model": args.model.display().to_string(),
+            "architecture": info.architecture,
+            "stored_dtypes": info.stored_dtypes,
+            "size_bytes": size_bytes,
+            "params": info.total_params,
+            "threads": threads,
+            "p": args.n_prompt,
+            "n": args.n_gen,
+            "depth": args.depth,
+            "repetitions": args.repetitions,
+            "pp_tps": pp_stat.map(|s| s.0),
+            "pp_tps_std": pp_stat.map(|s| s.1),
+            "tg_tps": tg_stat.map(|s| s.0),
+            "tg_tps_std": tg_stat.map(|s| s.1),
+            "pp_samples": pp,
+            "tg_samples": tg,
+            "kv_bytes_per_token": info.kv_bytes_per_token,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    let model_name = args.model.file_name().map_or_else(
+        || args.model.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let at_depth = if args.depth > 0 {
+        format!(" @ d{}", args.depth)
+    } else {
+        String::new()
+    };
+    println!(
+        "| {:<32} | {:>10} | {:>7} | {:>16} | {:>20} |",
+        "model", "params", "threads", "test", "t/s"
+    );
+    println!(
+        "| {:-<32} | {:->10} | {:->7} | {:->16} | {:->20} |",
+        "", "", "", "", ""
+    );
+    let rows = [
+        (format!("pp{}{at_depth}", args.n_prompt), pp_stat),
+        (format!("tg{}{at_depth}", args.n_gen), tg_stat),
+    ];
+    for (test, stat) in rows {
+        if let Some((mean, std)) = stat {
+            println!(
+                "| {:<32} | {:>10} | {:>7} | {:>16} | {:>20} |",
+                model_name,
+                format!("{:.2} M", info.total_params as f64 / 1e6),
+                threads,
+                test,
+                format!("{mean:.2} ± {std:.2}")
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_sample_std() {
+        let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
+        assert_eq!(m, 2.0);
+        assert!((s - 1.0).abs() < 1e-12);
+        assert_eq!(mean_std(&[5.0]), (5.0, 0.0));
+    }
+}
