@@ -87,6 +87,20 @@ fn pin_thread_count(threads: Option<usize>) {
     unsafe { std::env::set_var("RAYON_NUM_THREADS", count) };
 }
 
+/// The error and its causes, joined by `: `, leaving out a cause whose text an outer message
+/// already quotes (many errors write their source into their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let threads = match &cli.command {
@@ -108,7 +122,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }

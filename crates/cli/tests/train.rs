@@ -141,3 +141,30 @@ fn bad_training_input_is_named() {
         stderr(&out)
     );
 }
+
+/// A disk that fills up mid-save (simulated by a file-size limit: writes past it fail with EFBIG)
+/// stops the run with a message naming the checkpoint, not a panic, and leaves no half-written
+/// checkpoint behind.
+#[test]
+fn a_failed_save_is_reported_and_leaves_no_partial_checkpoint() {
+    let run = tempfile::tempdir().unwrap();
+    let out = run.path().join("base");
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 64; exec '{}' train pretrain --config '{}' --out '{}' --quiet",
+        env!("CARGO_BIN_EXE_tiefsee"),
+        preset("tiny-pretrain.json").display(),
+        out.display()
+    );
+    let result = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("bash runs");
+    let err = stderr(&result);
+    assert_eq!(result.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("could not save the checkpoint"), "{err}");
+    assert!(err.contains("previous checkpoint there is intact"), "{err}");
+    assert!(!out.join("checkpoint.tmp").exists());
+    assert!(!out.join("checkpoint").join("model.safetensors").exists());
+}
