@@ -238,8 +238,13 @@ pub fn grpo(
             let truncated: Vec<bool> = keep.iter().map(|&k| samples[k].truncated).collect();
             let adv: Vec<f32> = keep.iter().map(|&k| advantages[k]).collect();
             let max_len = actions.iter().map(Vec::len).max().unwrap_or(1).max(1);
-            let (old_rows, _) = completion_logprobs(&params, &batch_prompts, &actions)?;
-            let old_rows: Vec<Tensor> = old_rows.iter().map(Tensor::detach).collect();
+            // The first update's pass doubles as the sampling policy's log-probabilities: the
+            // parameters have not moved yet.
+            let (first_rows, first_entropy) =
+                completion_logprobs(&params, &batch_prompts, &actions)?;
+            entropy = first_entropy;
+            let old_rows: Vec<Tensor> = first_rows.iter().map(Tensor::detach).collect();
+            let mut first_rows = Some(first_rows);
             let (old_logp, mask) = padded(&old_rows, max_len)?;
             let ref_logp = match &reference {
                 Some(r) => {
@@ -250,11 +255,11 @@ pub fn grpo(
                 None => None,
             };
             let advantages_t = Tensor::from_vec(adv.clone(), adv.len(), &Device::Cpu)?;
-            for update in 0..cfg.updates_per_batch {
-                let (rows, batch_entropy) = completion_logprobs(&params, &batch_prompts, &actions)?;
-                if update == 0 {
-                    entropy = batch_entropy;
-                }
+            for _ in 0..cfg.updates_per_batch {
+                let rows = match first_rows.take() {
+                    Some(rows) => rows,
+                    None => completion_logprobs(&params, &batch_prompts, &actions)?.0,
+                };
                 let (logp, _) = padded(&rows, max_len)?;
                 let batch = TensorBatch {
                     logp: &logp,
