@@ -8,7 +8,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 cd "$root"
 
-bin="${TIEFSEE_BIN:-$root/target/release/tiefsee}"
+bin="${TIEFSEE_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/tiefsee}"
 if [ -z "${TIEFSEE_BIN:-}" ]; then
     cargo build --release -p tiefsee
 fi

@@ -14,7 +14,7 @@ if ! "$venv/bin/python" -c 'import openai, pytest' 2>/dev/null; then
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/pip" install -q -r "$here/requirements.txt"
 fi
-bin=${TIEFSEE_BIN:-$repo/target/release/tiefsee}
+bin=${TIEFSEE_BIN:-${CARGO_TARGET_DIR:-$repo/target}/release/tiefsee}
 if [ ! -x "$bin" ] || [ -n "${BUILD:-}" ]; then
   cargo build --release -p tiefsee
 fi
