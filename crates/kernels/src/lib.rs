@@ -6,4 +6,8 @@
 
 pub mod attention;
 pub mod cpu;
+mod error;
 pub mod qmatmul;
+
+pub use error::KernelError;
+pub use qmatmul::{QMatrix, WeightBytes};

@@ -1,0 +1,153 @@
+//! On-the-fly 8-bit quantization of the activations a weight matrix is multiplied by.
+//!
+//! llama.cpp multiplies quantized weights by quantized activations: Q8_0 blocks of 32 for the legacy
+//! types and Q8_K super-blocks of 256 (with the sums of each 16 quants, `bsums`, that the K-quants'
+//! minimums need) for the K-quants. The quants are those of `tiefsee_gguf::quantize` bit for bit; the
+//! block scales are kept as f32 (Q8_0's rounded to f16 first, as the block format stores it) in arrays
+//! of their own rather than interleaved, so the quants of a token are one contiguous slice.
+
+use rayon::prelude::*;
+use tiefsee_gguf::QK_K;
+
+/// Values per Q8_0 block.
+pub(crate) const QK8_0: usize = 32;
+
+/// The activation format a weight type dots against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ActFormat {
+    /// Blocks of 32 with one scale (`block_q8_0`).
+    Q8_0,
+    /// Blocks of 256 with one scale and 16 sums of 16 quants (`block_q8_K`).
+    Q8K,
+}
+
+impl ActFormat {
+    /// Values per block.
+    pub(crate) fn block_size(self) -> usize {
+        match self {
+            ActFormat::Q8_0 => QK8_0,
+            ActFormat::Q8K => QK_K,
+        }
+    }
+}
+
+/// One token's quantized activations.
+#[derive(Clone, Copy)]
+pub(crate) struct Token<'a> {
+    /// (cols,) quants.
+    pub(crate) qs: &'a [i8],
+    /// (cols / block_size,) block scales.
+    pub(crate) d: &'a [f32],
+    /// (cols / 16,) sums of each 16 quants.
+    pub(crate) bsums: &'a [i16],
+}
+
+/// Quantized activations of a batch of tokens, reused from call to call to avoid allocating.
+#[derive(Default)]
+pub(crate) struct Activations {
+    cols: usize,
+    format: Option<ActFormat>,
+    /// (tokens, cols)
+    qs: Vec<i8>,
+    /// (tokens, cols / block_size)
+    d: Vec<f32>,
+    /// (tokens, cols / 16)
+    bsums: Vec<i16>,
+}
+
+/// Tokens per parallel task when quantizing many tokens.
+const TOKENS_PER_TASK: usize = 16;
+
+impl Activations {
+    /// Quantizes `x`, (tokens, cols) row-major, to `format`; `cols` must be a multiple of its block size.
+    pub(crate) fn quantize(&mut self, format: ActFormat, x: &[f32], cols: usize) {
+        let nb = cols / format.block_size();
+        debug_assert!(nb * format.block_size() == cols && x.len().is_multiple_of(cols));
+        let tokens = x.len() / cols;
+        self.cols = cols;
+        self.format = Some(format);
+        resize(&mut self.qs, tokens * cols);
+        resize(&mut self.d, tokens * nb);
+        // Q8_0 weights never read the sums, but they cost one pass of adds and keep one layout.
+        resize(&mut self.bsums, tokens * cols / 16);
+        if tokens >= 2 * TOKENS_PER_TASK {
+            x.par_chunks(cols)
+                .zip(self.qs.par_chunks_mut(cols))
+                .zip(self.d.par_chunks_mut(nb))
+                .zip(self.bsums.par_chunks_mut(cols / 16))
+                .with_min_len(TOKENS_PER_TASK)
+                .for_each(|(((x, qs), d), bsums)| quantize_token(format, x, qs, d, bsums));
+        } else {
+            x.chunks(cols)
+                .zip(self.qs.chunks_mut(cols))
+                .zip(self.d.chunks_mut(nb))
+                .zip(self.bsums.chunks_mut(cols / 16))
+                .for_each(|(((x, qs), d), bsums)| quantize_token(format, x, qs, d, bsums));
+        }
+    }
+
+    /// Token `t`'s quantized activations.
+    pub(crate) fn token(&self, t: usize) -> Token<'_> {
+        let nb = self.cols / self.format.map_or(1, ActFormat::block_size);
+        let ns = self.cols / 16;
+        Token {
+            qs: &self.qs[t * self.cols..(t + 1) * self.cols],
+            d: &self.d[t * nb..(t + 1) * nb],
+            bsums: &self.bsums[t * ns..(t + 1) * ns],
+        }
+    }
+}
+
+/// Quantizes one token's values `x` into `qs`, `d` and the sums of each 16 quants `bsums`.
+fn quantize_token(format: ActFormat, x: &[f32], qs: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
+    match format {
+        ActFormat::Q8_0 => quantize_q8_0(x, qs, d),
+        ActFormat::Q8K => quantize_q8_k(x, qs, d),
+    }
+    for (s, q) in bsums.iter_mut().zip(qs.chunks_exact(16)) {
+        *s = q.iter().map(|&q| i16::from(q)).sum();
+    }
+}
+
+/// Sets `v`'s length to `n`, keeping its allocation (contents are overwritten by the caller).
+fn resize<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
+    v.clear();
+    v.resize(n, T::default());
+}
+
+/// `quantize_row_q8_0_ref`: d = max|x| / 127, q = round(x / d), half away from zero.
+pub(crate) fn quantize_q8_0(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
+    for ((x, qs), d) in x.chunks_exact(QK8_0).zip(qs.chunks_exact_mut(QK8_0)).zip(d) {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let id = if scale == 0.0 { 0.0 } else { 1.0 / scale };
+        for (q, &v) in qs.iter_mut().zip(x) {
+            *q = (v * id).round() as i8;
+        }
+        *d = half::f16::from_f32(scale).to_f32();
+    }
+}
+
+/// `quantize_row_q8_K_ref`: scale from the signed value of largest magnitude, q = nearest(x * -127 / max)
+/// capped at 127.
+pub(crate) fn quantize_q8_k(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
+    for ((x, qs), d) in x.chunks_exact(QK_K).zip(qs.chunks_exact_mut(QK_K)).zip(d) {
+        let (mut max, mut amax) = (0f32, 0f32);
+        for &v in x {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            qs.fill(0);
+            *d = 0.0;
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in qs.iter_mut().zip(x) {
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        *d = 1.0 / iscale;
+    }
+}

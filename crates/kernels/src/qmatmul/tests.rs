@@ -1,0 +1,170 @@
+//! Kernel-level tests: activation quantization against `tiefsee_gguf::quantize` and every AVX2 dot
+//! product against its scalar reference on the same quantized activations.
+
+use tiefsee_gguf::{GgmlType, QK_K, quantize};
+
+use super::activations::{ActFormat, Activations, Token};
+use super::{Format, QMatrix, WeightBytes, scalar};
+use crate::cpu::{self, Isa};
+
+/// Deterministic normal-ish values (xorshift and a sum of uniforms), scaled by `scale`.
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    (0..n)
+        .map(|_| scale * (uniform() + uniform() + uniform() + uniform()))
+        .collect()
+}
+
+const FORMATS: [(GgmlType, Format); 5] = [
+    (GgmlType::Q4_0, Format::Q4_0),
+    (GgmlType::Q8_0, Format::Q8_0),
+    (GgmlType::Q4_K, Format::Q4K),
+    (GgmlType::Q5_K, Format::Q5K),
+    (GgmlType::Q6_K, Format::Q6K),
+];
+
+#[test]
+fn activations_match_the_reference_quantizers() {
+    let cols = 4 * QK_K;
+    let mut x = values(3 * cols, 7, 2.0);
+    x[5] = 0.0;
+    x[cols..cols + QK_K].fill(0.0); // an all-zero block of each format
+    x[40] = -9.0; // negative extremes choose the Q8_K sign
+    let mut acts = Activations::default();
+
+    acts.quantize(ActFormat::Q8_0, &x, cols);
+    for t in 0..3 {
+        let reference = quantize(GgmlType::Q8_0, &x[t * cols..(t + 1) * cols]).unwrap();
+        let tok = acts.token(t);
+        for (b, block) in reference.chunks_exact(34).enumerate() {
+            let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+            assert_eq!(tok.d[b].to_bits(), d.to_bits(), "token {t} block {b} scale");
+            let qs: Vec<i8> = block[2..].iter().map(|&q| q as i8).collect();
+            assert_eq!(&tok.qs[32 * b..32 * b + 32], &qs[..], "token {t} block {b}");
+        }
+    }
+
+    acts.quantize(ActFormat::Q8K, &x, cols);
+    for t in 0..3 {
+        let reference = quantize(GgmlType::Q8_K, &x[t * cols..(t + 1) * cols]).unwrap();
+        let tok = acts.token(t);
+        for (b, block) in reference.chunks_exact(292).enumerate() {
+            let d = f32::from_le_bytes([block[0], block[1], block[2], block[3]]);
+            assert_eq!(tok.d[b].to_bits(), d.to_bits(), "token {t} block {b} scale");
+            let qs: Vec<i8> = block[4..260].iter().map(|&q| q as i8).collect();
+            assert_eq!(
+                &tok.qs[QK_K * b..QK_K * (b + 1)],
+                &qs[..],
+                "token {t} block {b}"
+            );
+            let bsums: Vec<i16> = block[260..]
+                .chunks_exact(2)
+                .map(|s| i16::from_le_bytes([s[0], s[1]]))
+                .collect();
+            assert_eq!(
+                &tok.bsums[16 * b..16 * (b + 1)],
+                &bsums[..],
+                "token {t} block {b} sums"
+            );
+        }
+    }
+}
+
+/// Bound on the float reassociation error of a dot product: a few ulps of the sum of |terms|.
+fn reassociation_bound(w: &[f32], tok: &Token, block: usize) -> f32 {
+    let a = tok
+        .qs
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| f32::from(q) * tok.d[i / block]);
+    1e-5 * w.iter().zip(a).map(|(w, a)| (w * a).abs()).sum::<f32>() + 1e-30
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_dot_products_match_scalar() {
+    use super::avx2;
+    if cpu::detected() < Isa::Avx2 {
+        eprintln!("skipped: this CPU lacks AVX2/FMA/F16C");
+        return;
+    }
+    let cols = 3 * QK_K;
+    for (ty, format) in FORMATS {
+        let w = values(cols, ty.id().into(), 0.1);
+        let row = quantize(ty, &w).unwrap();
+        let w = tiefsee_gguf::dequantize(ty, &row, cols).unwrap();
+        let x = values(4 * cols, 99, 1.0);
+        let mut acts = Activations::default();
+        acts.quantize(format.activations(), &x, cols);
+        let toks: [Token; 4] = std::array::from_fn(|t| acts.token(t));
+        let scalar_dot = match format {
+            Format::Q4_0 => scalar::dot_q4_0,
+            Format::Q8_0 => scalar::dot_q8_0,
+            Format::Q4K => scalar::dot_q4_k,
+            Format::Q5K => scalar::dot_q5_k,
+            Format::Q6K => scalar::dot_q6_k,
+        };
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+        let simd: Vec<f32> = unsafe {
+            match format {
+                Format::Q4_0 => avx2::dot_q4_0::<4>(&row, &toks).to_vec(),
+                Format::Q8_0 => avx2::dot_q8_0::<4>(&row, &toks).to_vec(),
+                Format::Q4K => avx2::dot_q4_k::<4>(&row, &toks).to_vec(),
+                Format::Q5K => avx2::dot_q5_k::<4>(&row, &toks).to_vec(),
+                Format::Q6K => avx2::dot_q6_k::<4>(&row, &toks).to_vec(),
+            }
+        };
+        // SAFETY: as above.
+        let single = unsafe {
+            match format {
+                Format::Q4_0 => avx2::dot_q4_0::<1>(&row, &[toks[2]]),
+                Format::Q8_0 => avx2::dot_q8_0::<1>(&row, &[toks[2]]),
+                Format::Q4K => avx2::dot_q4_k::<1>(&row, &[toks[2]]),
+                Format::Q5K => avx2::dot_q5_k::<1>(&row, &[toks[2]]),
+                Format::Q6K => avx2::dot_q6_k::<1>(&row, &[toks[2]]),
+            }
+        };
+        assert_eq!(
+            single[0].to_bits(),
+            simd[2].to_bits(),
+            "{ty:?}: one token vs four"
+        );
+        for (t, tok) in toks.iter().enumerate() {
+            let reference = scalar_dot(&row, tok);
+            let bound = reassociation_bound(&w, tok, format.activations().block_size());
+            assert!(
+                (simd[t] - reference).abs() <= bound,
+                "{ty:?} token {t}: avx2 {} vs scalar {reference} (bound {bound})",
+                simd[t]
+            );
+        }
+    }
+}
+
+#[test]
+fn avx2_matmul_matches_scalar_matmul() {
+    for (ty, _) in FORMATS {
+        let (rows, cols) = (37, 2 * QK_K);
+        let bytes = quantize(ty, &values(rows * cols, 3, 0.05)).unwrap();
+        let m = QMatrix::new(ty, rows, cols, WeightBytes::from_vec(bytes)).unwrap();
+        for tokens in [1, 3, 6, 17] {
+            let x = values(tokens * cols, tokens as u64, 1.0);
+            let (mut fast, mut slow) = (vec![0f32; tokens * rows], vec![0f32; tokens * rows]);
+            m.matmul_with(Isa::Avx2, &x, &mut fast).unwrap();
+            m.matmul_with(Isa::Scalar, &x, &mut slow).unwrap();
+            let scale = slow.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
+                assert!(
+                    (f - s).abs() <= 1e-5 * scale,
+                    "{ty:?} tokens {tokens} index {i}: {f} vs {s}"
+                );
+            }
+        }
+    }
+}
