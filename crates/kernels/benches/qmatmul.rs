@@ -1,0 +1,175 @@
+//! Quantized matmul throughput, ours against candle's on the same weight bytes.
+//!
+//! `nice -n 10 cargo bench -p tiefsee-kernels` (add `-- quick` for fewer shapes, `-- Q4_K` for one type,
+//! `-- ours` to skip candle). For each weight type
+//! and shape: milliseconds per call, GB/s of weight bytes streamed and GFLOP/s (2 rows cols tokens /
+//! time). Each figure is the best of several timed runs, since a shared 2-core VM is noisy. Weights
+//! are random bytes with a fixed, finite block scale: the kernels' speed does not depend on the values,
+//! and quantizing hundreds of millions of values first would take longer than the benchmark.
+
+use std::time::{Duration, Instant};
+
+use candle_core::quantized::{GgmlDType, QMatMul, ggml_file::qtensor_from_ggml};
+use candle_core::{Device, Module, Tensor};
+use tiefsee_gguf::GgmlType;
+use tiefsee_kernels::{QMatrix, WeightBytes};
+
+/// Random bytes (xorshift) shaped as `rows` rows of `ty`, every f16 block scale set to a small value.
+fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    let n = rows * cols / ty.block_size();
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let mut bytes: Vec<u8> = (0..n * ty.type_size())
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s as u8
+        })
+        .collect();
+    let scale = half::f16::from_f32(0.01).to_le_bytes();
+    let scale_at: &[usize] = match ty {
+        GgmlType::Q8_0 | GgmlType::Q4_0 => &[0],
+        GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+        GgmlType::Q6_K => &[208],
+        _ => unreachable!("no benchmark for {ty:?}"),
+    };
+    for block in bytes.chunks_exact_mut(ty.type_size()) {
+        for &at in scale_at {
+            block[at..at + 2].copy_from_slice(&scale);
+        }
+    }
+    bytes
+}
+
+fn candle_dtype(ty: GgmlType) -> GgmlDType {
+    match ty {
+        GgmlType::Q4_0 => GgmlDType::Q4_0,
+        GgmlType::Q8_0 => GgmlDType::Q8_0,
+        GgmlType::Q4_K => GgmlDType::Q4K,
+        GgmlType::Q5_K => GgmlDType::Q5K,
+        GgmlType::Q6_K => GgmlDType::Q6K,
+        _ => unreachable!("no benchmark for {ty:?}"),
+    }
+}
+
+/// Best time per call of `f` over `runs` runs of calls filling about `budget` each (after a warm-up).
+fn best_of(runs: usize, budget: Duration, mut f: impl FnMut()) -> Duration {
+    let start = Instant::now();
+    f();
+    let once = start.elapsed().max(Duration::from_micros(1));
+    let iters = (budget.as_secs_f64() / once.as_secs_f64()).clamp(1.0, 10_000.0) as u32;
+    (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            start.elapsed() / iters
+        })
+        .min()
+        .unwrap_or(once)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "quick");
+    let ours_only = args.iter().any(|a| a == "ours");
+    let only_type = args
+        .iter()
+        .find_map(|a| GgmlType::ALL.into_iter().find(|t| t.name() == a));
+    println!(
+        "isa {}, {} threads",
+        tiefsee_kernels::cpu::isa().name(),
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<5} {:>13} {:>4} | {:>9} {:>7} {:>7} | {:>9} {:>7} {:>7} | {:>6}",
+        "type",
+        "rows x cols",
+        "tok",
+        "ours ms",
+        "GB/s",
+        "GFLOP/s",
+        "candle ms",
+        "GB/s",
+        "GFLOP/s",
+        "speedup"
+    );
+    let types = [
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q4_0,
+        GgmlType::Q5_K,
+    ];
+    let shapes: &[(usize, usize, &[usize])] = if quick {
+        &[(2048, 2048, &[1, 128]), (10944, 2048, &[1, 128])]
+    } else {
+        &[
+            (1408, 2048, &[1, 4]),
+            (2048, 2048, &[1, 16, 128, 512]),
+            (10944, 2048, &[1, 16, 128, 512]),
+            (2048, 10752, &[1, 16, 128]),
+            (8192, 8192, &[1, 16]),
+        ]
+    };
+    for ty in types
+        .into_iter()
+        .filter(|&t| only_type.is_none_or(|o| o == t))
+    {
+        for &(rows, cols, token_counts) in shapes {
+            let bytes = weights(ty, rows, cols);
+            let qt = qtensor_from_ggml(candle_dtype(ty), &bytes, vec![rows, cols], &Device::Cpu)
+                .expect("candle tensor");
+            let candle = QMatMul::from_qtensor(qt).expect("candle matmul");
+            let ours = QMatrix::new(ty, rows, cols, WeightBytes::from_vec(bytes)).expect("matrix");
+            let weight_gb = (ours.row_bytes() * rows) as f64 / 1e9;
+            for &tokens in token_counts {
+                let x: Vec<f32> = (0..tokens * cols)
+                    .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                    .collect();
+                let mut out = vec![0f32; tokens * rows];
+                let budget = Duration::from_millis(if quick { 100 } else { 250 });
+                let t_ours = best_of(5, budget, || ours.matmul(&x, &mut out).expect("matmul"));
+                let xt = Tensor::from_slice(&x, (tokens, cols), &Device::Cpu).expect("tensor");
+                let t_candle = if ours_only {
+                    Duration::from_secs(1)
+                } else {
+                    best_of(5, budget, || {
+                        candle.forward(&xt).expect("candle forward");
+                    })
+                };
+                // Same weights and activations: the two should agree to 8-bit activation precision.
+                let theirs: Vec<f32> = candle
+                    .forward(&xt)
+                    .and_then(|y| y.flatten_all()?.to_vec1())
+                    .expect("candle output");
+                let scale = theirs.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+                let diff = out
+                    .iter()
+                    .zip(&theirs)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                let flop = 2.0 * (rows * cols * tokens) as f64 / 1e9;
+                let ms = |t: Duration| t.as_secs_f64() * 1e3;
+                println!(
+                    "{:<5} {:>13} {:>4} | {:>9.3} {:>7.1} {:>7.1} | {:>9.3} {:>7.1} {:>7.1} | {:>5.2}x{}",
+                    format!("{ty:?}"),
+                    format!("{rows}x{cols}"),
+                    tokens,
+                    ms(t_ours),
+                    weight_gb / t_ours.as_secs_f64(),
+                    flop / t_ours.as_secs_f64(),
+                    ms(t_candle),
+                    weight_gb / t_candle.as_secs_f64(),
+                    flop / t_candle.as_secs_f64(),
+                    t_candle.as_secs_f64() / t_ours.as_secs_f64(),
+                    if diff > 1e-3 * scale {
+                        format!("  (max diff {diff:e} of {scale:e})")
+                    } else {
+                        String::new()
+                    },
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! `QMatrix` through its public API: products against f32 over the dequantized weights with a stated
+//! error budget, row slicing, and every size error returned rather than panicked on.
+//!
+//! The budget: activations are quantized per block of `B` values (32 or 256) with scale d = max|x|/127
+//! (then, for Q8_0, rounded to f16), so each quantized activation is off by at most d/2 = max|x_b|/254
+//! plus 2^-11 of itself from the f16 scale. The product with exact weights w is then off by at most
+//! sum_b (max|x_b| / 254) sum_{i in b} |w_i| + 2^-10 sum_i |w_i x_i|, which the tests demand (with a
+//! little room for f32 summation).
+
+use tiefsee_gguf::{GgmlType, QK_K, dequantize, quantize};
+use tiefsee_kernels::{KernelError, QMatrix, WeightBytes};
+
+const TYPES: [GgmlType; 5] = [
+    GgmlType::Q4_0,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+/// Deterministic normal-ish values (xorshift and a sum of uniforms), scaled by `scale`.
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    (0..n)
+        .map(|_| scale * (uniform() + uniform() + uniform() + uniform()))
+        .collect()
+}
+
+/// Values per activation block for weights of type `ty`.
+fn activation_block(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q8_0 => 32,
+        _ => QK_K,
+    }
+}
+
+/// A random (rows, cols) matrix of type `ty` and its dequantized weights, (rows, cols).
+fn matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (QMatrix, Vec<f32>) {
+    let bytes = quantize(ty, &values(rows * cols, seed, 0.05)).unwrap();
+    let w = dequantize(ty, &bytes, rows * cols).unwrap();
+    (
+        QMatrix::new(ty, rows, cols, WeightBytes::from_vec(bytes)).unwrap(),
+        w,
+    )
+}
+
+/// Checks `out` (tokens, rows) against the f64 product of `w` (rows, cols) and `x` (tokens, cols).
+fn check_product(ty: GgmlType, w: &[f32], x: &[f32], out: &[f32], rows: usize, cols: usize) {
+    let block = activation_block(ty);
+    for (t, xt) in x.chunks_exact(cols).enumerate() {
+        for (r, wr) in w.chunks_exact(cols).enumerate() {
+            let exact: f64 = wr
+                .iter()
+                .zip(xt)
+                .map(|(&w, &x)| f64::from(w) * f64::from(x))
+                .sum();
+            let mut bound = 0f64;
+            for (wb, xb) in wr.chunks_exact(block).zip(xt.chunks_exact(block)) {
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                bound +=
+                    f64::from(amax) / 254.0 * wb.iter().map(|w| f64::from(w.abs())).sum::<f64>();
+            }
+            let magnitude: f64 = wr
+                .iter()
+                .zip(xt)
+                .map(|(&w, &x)| f64::from((w * x).abs()))
+                .sum();
+            let bound = 1.01 * bound + magnitude / 1024.0 + 1e-6;
+            let got = f64::from(out[t * rows + r]);
+            assert!(
+                (got - exact).abs() <= bound,
+                "{ty:?} token {t} row {r}: {got} vs exact {exact} (bound {bound})"
+            );
+        }
+    }
+}
+
+#[test]
+fn matmul_is_within_the_8_bit_activation_budget() {
+    for ty in TYPES {
+        for (rows, cols) in [(37, 2 * QK_K), (64, QK_K), (5, 4 * QK_K)] {
+            let (m, w) = matrix(ty, rows, cols, (rows * cols) as u64);
+            for tokens in [1, 3, 17, 64] {
+                let x = values(tokens * cols, tokens as u64 + 1, 1.0);
+                let mut out = vec![f32::NAN; tokens * rows];
+                m.matmul(&x, &mut out).unwrap();
+                check_product(ty, &w, &x, &out, rows, cols);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_large_matrix_splits_over_threads_without_changing_results() {
+    // Big enough for several parallel tasks; each output must equal the one-row product.
+    let (rows, cols) = (1000, 1024);
+    for ty in [GgmlType::Q8_0, GgmlType::Q6_K] {
+        let (m, w) = matrix(ty, rows, cols, 5);
+        let x = values(5 * cols, 11, 1.0);
+        let mut out = vec![0f32; 5 * rows];
+        m.matmul(&x, &mut out).unwrap();
+        check_product(ty, &w, &x, &out, rows, cols);
+        for r in [0, 1, 499, 999] {
+            let row = m.slice_rows(r, 1).unwrap();
+            let mut one = vec![0f32; 5];
+            row.matmul(&x, &mut one).unwrap();
+            for t in 0..5 {
+                assert_eq!(one[t], out[t * rows + r], "{ty:?} row {r} token {t}");
+            }
+        }
+    }
+}
+
+#[test]
+fn slice_rows_is_the_same_rows() {
+    let (rows, cols) = (37, QK_K);
+    for ty in TYPES {
+        let (m, _) = matrix(ty, rows, cols, 3);
+        let s = m.slice_rows(10, 7).unwrap();
+        assert_eq!((s.rows(), s.cols(), s.ty()), (7, cols, ty));
+        assert_eq!(s.data(), &m.data()[10 * m.row_bytes()..17 * m.row_bytes()]);
+        let x = values(3 * cols, 9, 1.0);
+        let (mut full, mut part) = (vec![0f32; 3 * rows], vec![0f32; 3 * 7]);
+        m.matmul(&x, &mut full).unwrap();
+        s.matmul(&x, &mut part).unwrap();
+        for t in 0..3 {
+            assert_eq!(
+                &part[7 * t..7 * t + 7],
+                &full[t * rows + 10..t * rows + 17],
+                "{ty:?}"
+            );
+        }
+        let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+        m.dequantize_row(12, &mut a);
+        s.dequantize_row(2, &mut b);
+        assert_eq!(a, b);
+        assert!(m.slice_rows(30, 8).is_err());
+        assert!(m.slice_rows(usize::MAX, 2).is_err());
+        assert_eq!(m.slice_rows(37, 0).unwrap().rows(), 0);
+    }
+}
+
+#[test]
+fn dequantize_row_matches_the_reference() {
+    for ty in TYPES {
+        let (m, w) = matrix(ty, 4, 2 * QK_K, 8);
+        let mut row = vec![0f32; 2 * QK_K];
+        m.dequantize_row(3, &mut row);
+        assert_eq!(row, &w[3 * 2 * QK_K..]);
+    }
+}
+
+#[test]
+fn sharing_a_buffer_through_a_range() {
+    let bytes = quantize(GgmlType::Q8_0, &values(4 * 64, 1, 1.0)).unwrap();
+    let row_bytes = 2 * 34;
+    let owner: std::sync::Arc<dyn AsRef<[u8]> + Send + Sync> = std::sync::Arc::new(bytes.clone());
+    let part = WeightBytes::new(owner.clone(), row_bytes..3 * row_bytes).unwrap();
+    assert_eq!(part.as_slice(), &bytes[row_bytes..3 * row_bytes]);
+    let m = QMatrix::new(GgmlType::Q8_0, 2, 64, part).unwrap();
+    assert_eq!(m.data(), &bytes[row_bytes..3 * row_bytes]);
+    assert!(matches!(
+        WeightBytes::new(owner.clone(), 0..bytes.len() + 1),
+        Err(KernelError::RangeOutOfBounds { .. })
+    ));
+    #[allow(clippy::reversed_empty_ranges)]
+    let reversed = 5..2;
+    assert!(WeightBytes::new(owner, reversed).is_err());
+}
+
+#[test]
+fn size_errors_are_returned() {
+    let bytes = || WeightBytes::from_vec(vec![0u8; 2 * 34]);
+    assert!(matches!(
+        QMatrix::new(GgmlType::Q8_0, 3, 32, bytes()),
+        Err(KernelError::DataLength {
+            expected: 102,
+            found: 68,
+            ..
+        })
+    ));
+    assert!(matches!(
+        QMatrix::new(GgmlType::Q8_0, 1, 48, bytes()),
+        Err(KernelError::ColsNotWholeBlocks { cols: 48, .. })
+    ));
+    assert!(matches!(
+        QMatrix::new(GgmlType::Q8_0, 0, 0, WeightBytes::from_vec(Vec::new())),
+        Err(KernelError::ColsNotWholeBlocks { cols: 0, .. })
+    ));
+    assert!(matches!(
+        QMatrix::new(GgmlType::F32, 1, 17, WeightBytes::from_vec(vec![0u8; 68])),
+        Err(KernelError::UnsupportedType(GgmlType::F32))
+    ));
+    assert!(QMatrix::new(GgmlType::Q8_0, usize::MAX, 32, bytes()).is_err());
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_K] {
+        assert!(!QMatrix::supports(ty), "{ty:?}");
+    }
+    for ty in TYPES {
+        assert!(QMatrix::supports(ty), "{ty:?}");
+    }
+
+    let m = QMatrix::new(GgmlType::Q8_0, 2, 32, bytes()).unwrap();
+    let mut out = vec![0f32; 4];
+    assert!(matches!(
+        m.matmul(&[0.0; 33], &mut out),
+        Err(KernelError::InputLength { len: 33, cols: 32 })
+    ));
+    assert!(matches!(
+        m.matmul(&[0.0; 64], &mut out[..3]),
+        Err(KernelError::OutputLength {
+            expected: 4,
+            found: 3,
+            ..
+        })
+    ));
+    assert!(m.matmul(&[], &mut []).is_ok());
+    let message = m.matmul(&[0.0; 33], &mut out).unwrap_err().to_string();
+    assert!(
+        message.contains("33") && message.contains("32"),
+        "{message}"
+    );
+}
