@@ -104,6 +104,15 @@ impl Format {
         }
     }
 
+    /// Most tokens one kernel call takes: each weight block is unpacked once for them, so the
+    /// K-quants, whose unpacking costs most, take more (as many as the registers hold).
+    fn max_group(self) -> usize {
+        match self {
+            Format::Q4_0 | Format::Q8_0 => 4,
+            Format::Q4K | Format::Q5K | Format::Q6K => 8,
+        }
+    }
+
     /// The activation format its kernels dot against.
     fn activations(self) -> ActFormat {
         match self {
@@ -125,8 +134,6 @@ pub struct QMatrix {
     data: WeightBytes,
 }
 
-/// Most tokens one kernel call takes; each weight block is unpacked once for them.
-const MAX_GROUP: usize = 4;
 /// Smallest share of weight bytes worth handing to another thread.
 const MIN_TASK_BYTES: usize = 32 * 1024;
 /// Largest row tile in a prefill: it should stay in L2 while every token group passes over it.
@@ -267,13 +274,14 @@ impl QMatrix {
         // Taken, not borrowed: a nested call (a rayon task run while this one waits) gets a fresh one.
         let mut acts = SCRATCH.take();
         acts.quantize(self.format.activations(), x, self.cols);
+        let max_group = self.format.max_group();
         let rows_per_task = self.rows_per_task(tokens);
         let n_tasks = self.rows.div_ceil(rows_per_task);
         let out = OutPtr(out.as_mut_ptr());
         let task = |task: usize| {
             let rows = task * rows_per_task..((task + 1) * rows_per_task).min(self.rows);
-            for first in (0..tokens).step_by(MAX_GROUP) {
-                let group = first..(first + MAX_GROUP).min(tokens);
+            for first in (0..tokens).step_by(max_group) {
+                let group = first..(first + max_group).min(tokens);
                 // SAFETY: this task alone writes the outputs of `rows` (tasks split the rows), and
                 // `out` has tokens * self.rows values (checked above).
                 unsafe {
@@ -281,7 +289,11 @@ impl QMatrix {
                         1 => self.tile::<1>(isa, rows.clone(), &acts, first, &out),
                         2 => self.tile::<2>(isa, rows.clone(), &acts, first, &out),
                         3 => self.tile::<3>(isa, rows.clone(), &acts, first, &out),
-                        _ => self.tile::<4>(isa, rows.clone(), &acts, first, &out),
+                        4 => self.tile::<4>(isa, rows.clone(), &acts, first, &out),
+                        5 => self.tile::<5>(isa, rows.clone(), &acts, first, &out),
+                        6 => self.tile::<6>(isa, rows.clone(), &acts, first, &out),
+                        7 => self.tile::<7>(isa, rows.clone(), &acts, first, &out),
+                        _ => self.tile::<8>(isa, rows.clone(), &acts, first, &out),
                     }
                 }
             }
@@ -300,7 +312,7 @@ impl QMatrix {
     fn rows_per_task(&self, tokens: usize) -> usize {
         let total = self.rows * self.row_bytes();
         let mut target = total / (4 * rayon::current_num_threads());
-        if tokens > MAX_GROUP {
+        if tokens > self.format.max_group() {
             target = target.min(MAX_TILE_BYTES);
         }
         (target.max(MIN_TASK_BYTES) / self.row_bytes()).clamp(1, self.rows)

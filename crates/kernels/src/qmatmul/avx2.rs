@@ -49,6 +49,16 @@ unsafe fn load<T>(p: *const T) -> __m256i {
     unsafe { _mm256_loadu_si256(p.cast()) }
 }
 
+/// Shuffle controls that broadcast one i16 of a 128-bit lane: `word_shuffle(lo, hi)` repeats word `lo`
+/// across the low lane and word `hi` across the high lane.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn word_shuffle(lo: usize, hi: usize) -> __m256i {
+    let byte = |w: usize, i: usize| (2 * w + i % 2) as i8;
+    let b: [i8; 32] = std::array::from_fn(|i| if i < 16 { byte(lo, i) } else { byte(hi, i) });
+    // SAFETY: `b` is 32 bytes.
+    unsafe { load(b.as_ptr()) }
+}
+
 /// Panics unless every token has `n` quants (and `n / block` scales): the bounds every raw load relies on.
 fn check_tokens<const T: usize>(toks: &[Token; T], n: usize, block: usize, with_bsums: bool) {
     for t in toks {
@@ -57,29 +67,70 @@ fn check_tokens<const T: usize>(toks: &[Token; T], n: usize, block: usize, with_
     }
 }
 
-/// Dot products of signed 32-byte weight vector `w` with `T` tokens' quants at block offset `at`,
-/// FMA'd with `scale[t]` into `acc[t]` (the Q8_0 / Q4_0 inner step).
+/// Dot products of signed 32-byte weight vector `w` (block `b`, scale `dw`) with `T` tokens' quants,
+/// FMA'd into `acc[t]` (the Q8_0 / Q4_0 inner step).
 ///
 /// # Safety
-/// Every token must hold 32 quants from `at`.
+/// Every token must hold block `b` (32 quants from `32 * b` and scale `b`).
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn signed_block<const T: usize>(
     w: __m256i,
+    dw: __m256,
     toks: &[Token; T],
-    at: usize,
-    scale: [f32; T],
+    b: usize,
     acc: &mut [__m256; T],
 ) {
     let ones = _mm256_set1_epi16(1);
     // maddubs multiplies unsigned by signed: move the weights' signs onto the activations.
     let abs_w = _mm256_sign_epi8(w, w);
     for t in 0..T {
-        // SAFETY: token t holds 32 quants from `at` (caller).
-        let a = unsafe { load(toks[t].qs.as_ptr().add(at)) };
+        // SAFETY: token t holds block b (caller).
+        let (a, da) = unsafe {
+            (
+                load(toks[t].qs.as_ptr().add(QK8_0 * b)),
+                _mm256_broadcast_ss(&*toks[t].d.as_ptr().add(b)),
+            )
+        };
         let p = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(a, w));
-        let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(scale[t]), p, acc[t]);
+        let p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), da);
+        acc[t] = _mm256_fmadd_ps(p, dw, acc[t]);
     }
+}
+
+/// Legacy-type rows (`size`-byte blocks of 32, f16 scale first): `unpack` gives a block's 32 signed
+/// weights. Blocks alternate between two sets of accumulators so that one token's FMAs do not wait
+/// on each other.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_legacy<const T: usize>(
+    row: &[u8],
+    toks: &[Token; T],
+    size: usize,
+    unpack: impl Fn(&[u8]) -> __m256i,
+) -> [f32; T] {
+    let nb = row.len() / size;
+    check_tokens(toks, nb * QK8_0, QK8_0, false);
+    let mut acc = [[_mm256_setzero_ps(); T]; 2];
+    let mut pairs = row.chunks_exact(2 * size);
+    for (i, pair) in pairs.by_ref().enumerate() {
+        let (b0, b1) = pair.split_at(size);
+        let (d0, d1) = (_mm256_set1_ps(f16_at(b0, 0)), _mm256_set1_ps(f16_at(b1, 0)));
+        // SAFETY: check_tokens: every token holds all nb blocks.
+        unsafe {
+            signed_block(unpack(b0), d0, toks, 2 * i, &mut acc[0]);
+            signed_block(unpack(b1), d1, toks, 2 * i + 1, &mut acc[1]);
+        }
+    }
+    if let Some(last) = pairs.remainder().get(..size) {
+        let d = _mm256_set1_ps(f16_at(last, 0));
+        // SAFETY: as above; this is block nb - 1.
+        unsafe { signed_block(unpack(last), d, toks, nb - 1, &mut acc[0]) };
+    }
+    std::array::from_fn(|t| hsum(_mm256_add_ps(acc[0][t], acc[1][t])))
 }
 
 /// Q8_0 weights against `T` tokens of Q8_0 activations.
@@ -88,18 +139,10 @@ unsafe fn signed_block<const T: usize>(
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q8_0<const T: usize>(row: &[u8], toks: &[Token; T]) -> [f32; T] {
-    let nb = row.len() / 34;
-    check_tokens(toks, nb * QK8_0, QK8_0, false);
-    let mut acc = [_mm256_setzero_ps(); T];
-    for (b, block) in row.chunks_exact(34).enumerate() {
-        let dw = f16_at(block, 0);
-        // SAFETY: the block has 32 quant bytes after its scale.
-        let w = unsafe { load(block.as_ptr().add(2)) };
-        let scale = std::array::from_fn(|t| dw * toks[t].d[b]);
-        // SAFETY: check_tokens: every token holds nb * 32 quants.
-        unsafe { signed_block(w, toks, QK8_0 * b, scale, &mut acc) };
-    }
-    acc.map(|a| hsum(a))
+    // SAFETY: a 34-byte block has 32 quant bytes after its scale.
+    let unpack = |block: &[u8]| unsafe { load(block[2..34].as_ptr()) };
+    // SAFETY: the caller guarantees the CPU features.
+    unsafe { dot_legacy(row, toks, 34, unpack) }
 }
 
 /// Q4_0 weights against `T` tokens of Q8_0 activations.
@@ -108,23 +151,17 @@ pub(crate) unsafe fn dot_q8_0<const T: usize>(row: &[u8], toks: &[Token; T]) -> 
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q4_0<const T: usize>(row: &[u8], toks: &[Token; T]) -> [f32; T] {
-    let nb = row.len() / 18;
-    check_tokens(toks, nb * QK8_0, QK8_0, false);
     let low4 = _mm256_set1_epi8(0xF);
     let eight = _mm256_set1_epi8(8);
-    let mut acc = [_mm256_setzero_ps(); T];
-    for (b, block) in row.chunks_exact(18).enumerate() {
-        let dw = f16_at(block, 0);
-        // SAFETY: the block has 16 nibble bytes after its scale.
-        let q = unsafe { _mm_loadu_si128(block.as_ptr().add(2).cast()) };
-        // Low nibbles are elements 0..16, high nibbles 16..32.
+    let unpack = |block: &[u8]| {
+        // SAFETY: an 18-byte block has 16 nibble bytes after its scale.
+        let q = unsafe { _mm_loadu_si128(block[2..18].as_ptr().cast()) };
+        // Low nibbles are elements 0..16, high nibbles 16..32; levels are stored + 8.
         let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), low4);
-        let w = _mm256_sub_epi8(w, eight);
-        let scale = std::array::from_fn(|t| dw * toks[t].d[b]);
-        // SAFETY: check_tokens: every token holds nb * 32 quants.
-        unsafe { signed_block(w, toks, QK8_0 * b, scale, &mut acc) };
-    }
-    acc.map(|a| hsum(a))
+        _mm256_sub_epi8(w, eight)
+    };
+    // SAFETY: the caller guarantees the CPU features.
+    unsafe { dot_legacy(row, toks, 18, unpack) }
 }
 
 /// The eight 6-bit scales and eight 6-bit mins of Q4_K/Q5_K's 12 packed bytes (ggml's `utmp` shuffle:
@@ -153,18 +190,23 @@ unsafe fn dot_k4_like<const T: usize>(
 ) -> [f32; T] {
     let nb = row.len() / size;
     check_tokens(toks, nb * QK_K, QK_K, true);
+    let shuffles: [__m256i; 8] = std::array::from_fn(|j| word_shuffle(j, j));
     let mut acc = [_mm256_setzero_ps(); T];
     for (i, block) in row.chunks_exact(size).enumerate() {
         let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
         let (scales, mins) = k4_scales_mins(&block[4..16]);
+        // The eight scales as i16 in both 128-bit lanes; one shuffle broadcasts any of them.
+        let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(
+            i64::from_le_bytes(scales),
+        )));
         // Each min twice, to meet the 16 sums of 16 quants: madd gives min_j * (sum of sub-block j).
         let mins = _mm_cvtsi64_si128(i64::from_le_bytes(mins));
         let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
         let mut sumi = [_mm256_setzero_si256(); T];
         for j in 0..QK_K / 64 {
             let (q_lo, q_hi) = unpack(block, j);
-            let s_lo = _mm256_set1_epi16(i16::from(scales[2 * j]));
-            let s_hi = _mm256_set1_epi16(i16::from(scales[2 * j + 1]));
+            let s_lo = _mm256_shuffle_epi8(scales, shuffles[2 * j]);
+            let s_hi = _mm256_shuffle_epi8(scales, shuffles[2 * j + 1]);
             for t in 0..T {
                 let at = QK_K * i + 64 * j;
                 // SAFETY: check_tokens: every token holds nb * 256 quants.
@@ -177,14 +219,18 @@ unsafe fn dot_k4_like<const T: usize>(
                 sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(p_lo, p_hi));
             }
         }
+        let (d, neg_dmin) = (_mm256_set1_ps(d), _mm256_set1_ps(-dmin));
         for t in 0..T {
-            let da = toks[t].d[i];
-            // SAFETY: check_tokens: every token holds nb * 16 sums.
-            let bsums = unsafe { load(toks[t].bsums.as_ptr().add(16 * i)) };
+            // SAFETY: check_tokens: every token holds nb * 16 sums and nb scales.
+            let (bsums, da) = unsafe {
+                (
+                    load(toks[t].bsums.as_ptr().add(16 * i)),
+                    _mm256_broadcast_ss(&*toks[t].d.as_ptr().add(i)),
+                )
+            };
             let summ = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bsums));
-            let sumi = _mm256_cvtepi32_ps(sumi[t]);
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * da), sumi, acc[t]);
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * da), summ, acc[t]);
+            let x = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sumi[t]));
+            acc[t] = _mm256_fmadd_ps(_mm256_fmadd_ps(neg_dmin, summ, x), da, acc[t]);
         }
     }
     acc.map(|a| hsum(a))
@@ -247,15 +293,23 @@ pub(crate) unsafe fn dot_q6_k<const T: usize>(row: &[u8], toks: &[Token; T]) -> 
     check_tokens(toks, nb * QK_K, QK_K, true);
     let low4 = _mm256_set1_epi8(0xF);
     let low2 = _mm256_set1_epi8(3);
+    // Chunk k of 32 values spans sub-blocks 2k (low lane of maddubs' output) and 2k + 1 (high lane).
+    let shuffles: [__m256i; 4] = std::array::from_fn(|k| word_shuffle(2 * k, 2 * k + 1));
     let mut acc = [_mm256_setzero_ps(); T];
     for (i, block) in row.chunks_exact(210).enumerate() {
-        let d = f16_at(block, 208);
-        let scales: [i8; 16] = std::array::from_fn(|j| block[192 + j] as i8);
+        let d = _mm256_set1_ps(f16_at(block, 208));
         // SAFETY: bytes 192..208 of the block are its 16 scales.
         let scales16 =
             _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(block[192..208].as_ptr().cast()) });
         let mut sumi = [_mm256_setzero_si256(); T];
         for n in 0..QK_K / 128 {
+            // Scales of sub-blocks 8n..8n + 8 in both 128-bit lanes.
+            let half = if n == 0 {
+                _mm256_castsi256_si128(scales16)
+            } else {
+                _mm256_extracti128_si256::<1>(scales16)
+            };
+            let scales = _mm256_broadcastsi128_si256(half);
             // SAFETY: a 210-byte block has 128 low-nibble bytes at 0 and 64 high-bit bytes at 128; n < 2.
             let (b1, b2, h) = unsafe {
                 (
@@ -279,12 +333,7 @@ pub(crate) unsafe fn dot_q6_k<const T: usize>(row: &[u8], toks: &[Token; T]) -> 
                 ),
             ];
             for (k, &q) in q.iter().enumerate() {
-                // The 16 i16 lanes of maddubs cover sub-blocks 8n + 2k (low half) and 8n + 2k + 1.
-                let j = 8 * n + 2 * k;
-                let s = _mm256_set_m128i(
-                    _mm_set1_epi16(i16::from(scales[j + 1])),
-                    _mm_set1_epi16(i16::from(scales[j])),
-                );
+                let s = _mm256_shuffle_epi8(scales, shuffles[k]);
                 for t in 0..T {
                     // SAFETY: check_tokens: every token holds nb * 256 quants.
                     let a = unsafe { load(toks[t].qs.as_ptr().add(QK_K * i + 128 * n + 32 * k)) };
@@ -299,7 +348,9 @@ pub(crate) unsafe fn dot_q6_k<const T: usize>(row: &[u8], toks: &[Token; T]) -> 
             let bsums = unsafe { load(toks[t].bsums.as_ptr().add(16 * i)) };
             let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(scales16, bsums));
             let sumi = _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi[t], offset));
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * toks[t].d[i]), sumi, acc[t]);
+            // SAFETY: check_tokens: every token holds nb scales.
+            let da = unsafe { _mm256_broadcast_ss(&*toks[t].d.as_ptr().add(i)) };
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(sumi, da), d, acc[t]);
         }
     }
     acc.map(|a| hsum(a))
