@@ -7,3 +7,5 @@
 pub mod attention;
 pub mod cpu;
 pub mod qmatmul;
+
+pub use attention::{AttentionError, CacheFormat, RowLayout, RowPool, attend};
