@@ -1,7 +1,7 @@
 //! Attention over the paged KV cache: ms per call, effective GFLOP/s and cache GB/s.
 //!
-//! `cargo bench -p tiefsee-kernels --bench attention`; `TIEFSEE_ISA=scalar` runs the scalar
-//! reference kernel instead. Each case reports the best of several repetitions (the machine is shared).
+//! `cargo bench -p tiefsee-kernels --bench attention [-- FILTER]` runs the cases whose name contains
+//! FILTER; `TIEFSEE_ISA=scalar` runs the scalar reference kernel instead. Each case reports the best of several repetitions (the machine is shared).
 
 use std::time::Instant;
 
@@ -110,8 +110,12 @@ fn main() {
             n: 1,
         },
     ];
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    for case in &cases {
+    for case in cases
+        .iter()
+        .filter(|c| filter.as_ref().is_none_or(|f| c.name.contains(f.as_str())))
+    {
         for format in [CacheFormat::Bf16, CacheFormat::Q8] {
             bench(case, format, &mut rng);
         }

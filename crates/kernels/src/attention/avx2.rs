@@ -1,8 +1,8 @@
 //! The block steps of the attention kernel with AVX2 and FMA (Haswell, Zen and later).
 //!
-//! Scores and value sums are small matrix products tiled in registers: 4 queries by 2 keys of 8-wide
-//! dot-product accumulators, and 4 queries by 16 output values. Every function here needs AVX2,
-//! FMA and F16C; `Kernel::Avx2` is only built on CPUs that have them. Keys and values must be whole
+//! Scores and value sums are small matrix products tiled in registers: 4 queries by 3 keys of 8-wide
+//! dot-product accumulators, and 2 queries by 48 output values (12 accumulators each, enough
+//! independent FMA chains to hide their latency). Every function here needs AVX2, FMA and F16C; `Kernel::Avx2` is only built on CPUs that have them. Keys and values must be whole
 //! vectors of 8 (`Kernel::select` checks).
 
 // Register tiles are fixed-size arrays indexed in nested loops that the compiler unrolls.
@@ -33,6 +33,34 @@ pub(super) fn convert(pool: &RowPool, slots: &[usize], out: &mut [f32]) {
             }
         }
     }
+}
+
+/// Asks for the stored rows of `slots` to be brought into cache: slot tables are scattered, so the
+/// hardware prefetcher cannot guess the next block while the current one is being computed.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn prefetch(pool: &RowPool, slots: &[usize]) {
+    let w = pool.width();
+    let lines = |bytes: &[u8]| {
+        for offset in (0..bytes.len()).step_by(64) {
+            // SAFETY: offset < bytes.len(); prefetching never faults anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(offset).cast()) };
+        }
+    };
+    for &slot in slots {
+        match pool.storage() {
+            Storage::Bf16(data) => lines(as_bytes(&data[slot * w..][..w])),
+            Storage::Q8 { values, scales } => {
+                lines(as_bytes(&values[slot * w..][..w]));
+                lines(as_bytes(&scales[slot * w / Q8_BLOCK..][..w / Q8_BLOCK]));
+            }
+        }
+    }
+}
+
+/// The bytes of a slice of plain numbers.
+fn as_bytes<T: Copy>(values: &[T]) -> &[u8] {
+    // SAFETY: the element types used here (bf16, i8, f32) have no padding and any bytes are valid u8.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -72,67 +100,68 @@ fn q8_row(values: &[i8], scales: &[f32], dst: &mut [f32]) {
 }
 
 /// `s[q, t] = dot(q[q], rows[t][key_offset..][..kw])`; q is (queries, kw), s is (queries, BLOCK).
+///
+/// Four queries at a time stay in L1 while the block's keys stream past them from L2.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn scores(q: &[f32], kw: usize, rows: Rows, key_offset: usize, s: &mut [f32]) {
     let nq = q.len() / kw;
-    let nb = rows.count();
     assert!(kw.is_multiple_of(8) && key_offset + kw <= rows.width);
-    assert!(nb <= BLOCK && s.len() >= nq * BLOCK);
-    let mut t = 0;
-    while t + 2 <= nb {
-        score_keys::<2>(q, kw, rows, key_offset, s, t);
-        t += 2;
+    assert!(rows.count() <= BLOCK && s.len() >= nq * BLOCK);
+    let mut qi = 0;
+    while qi + 4 <= nq {
+        score_queries::<4>(q, kw, rows, key_offset, s, qi);
+        qi += 4;
     }
-    if t < nb {
-        score_keys::<1>(q, kw, rows, key_offset, s, t);
+    match nq - qi {
+        3 => score_queries::<3>(q, kw, rows, key_offset, s, qi),
+        2 => score_queries::<2>(q, kw, rows, key_offset, s, qi),
+        1 => score_queries::<1>(q, kw, rows, key_offset, s, qi),
+        _ => {}
     }
 }
 
-/// Scores of every query against keys `t0..t0 + T`, four queries at a time.
+/// Scores of queries `qi..qi + H` against every key of the block, three keys at a time.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn score_keys<const T: usize>(
+fn score_queries<const H: usize>(
     q: &[f32],
     kw: usize,
     rows: Rows,
     key_offset: usize,
     s: &mut [f32],
-    t0: usize,
+    qi: usize,
 ) {
-    let nq = q.len() / kw;
-    let keys: [*const f32; T] = std::array::from_fn(|t| {
-        // SAFETY: row t0 + t < rows.count() and key_offset + kw <= width (checked by `scores`).
-        unsafe { rows.data.as_ptr().add((t0 + t) * rows.width + key_offset) }
-    });
-    let mut qi = 0;
-    while qi + 4 <= nq {
-        score_tile::<4, T>(q, kw, keys, s, qi, t0);
-        qi += 4;
+    let nb = rows.count();
+    let mut t = 0;
+    while t + 3 <= nb {
+        score_tile::<H, 3>(q, kw, rows, key_offset, s, qi, t);
+        t += 3;
     }
-    match nq - qi {
-        3 => score_tile::<3, T>(q, kw, keys, s, qi, t0),
-        2 => score_tile::<2, T>(q, kw, keys, s, qi, t0),
-        1 => score_tile::<1, T>(q, kw, keys, s, qi, t0),
+    match nb - t {
+        2 => score_tile::<H, 2>(q, kw, rows, key_offset, s, qi, t),
+        1 => score_tile::<H, 1>(q, kw, rows, key_offset, s, qi, t),
         _ => {}
     }
 }
 
-/// Dot products of queries `qi..qi + H` with `T` keys of `kw` values each.
+/// Dot products of queries `qi..qi + H` with keys `t0..t0 + T`.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn score_tile<const H: usize, const T: usize>(
     q: &[f32],
     kw: usize,
-    keys: [*const f32; T],
+    rows: Rows,
+    key_offset: usize,
     s: &mut [f32],
     qi: usize,
     t0: usize,
 ) {
+    let keys = &rows.data[t0 * rows.width..(t0 + T) * rows.width];
     let q = &q[qi * kw..(qi + H) * kw];
     let mut acc = [[_mm256_setzero_ps(); T]; H];
     for d in (0..kw).step_by(8) {
         let mut k = [_mm256_setzero_ps(); T];
         for t in 0..T {
-            // SAFETY: d + 8 <= kw and each key pointer starts kw readable values.
-            k[t] = unsafe { _mm256_loadu_ps(keys[t].add(d)) };
+            // SAFETY: key_offset + kw <= width (checked by `scores`) and d + 8 <= kw.
+            k[t] = unsafe { _mm256_loadu_ps(keys.as_ptr().add(t * rows.width + key_offset + d)) };
         }
         for h in 0..H {
             // SAFETY: h * kw + d + 8 <= H * kw = q.len().
@@ -203,16 +232,22 @@ pub(super) fn accumulate(
     assert!(vw.is_multiple_of(8) && value_offset + vw <= rows.width);
     assert!(acc.len() == nq * vw && w.len() >= nq * BLOCK && rows.count() <= BLOCK);
     let mut d = 0;
-    while d + 16 <= vw {
-        value_columns::<2>(w, alpha, rows, value_offset, acc, d);
-        d += 16;
+    while d + 48 <= vw {
+        value_columns::<6>(w, alpha, rows, value_offset, acc, d);
+        d += 48;
     }
-    if d < vw {
-        value_columns::<1>(w, alpha, rows, value_offset, acc, d);
+    match (vw - d) / 8 {
+        5 => value_columns::<5>(w, alpha, rows, value_offset, acc, d),
+        4 => value_columns::<4>(w, alpha, rows, value_offset, acc, d),
+        3 => value_columns::<3>(w, alpha, rows, value_offset, acc, d),
+        2 => value_columns::<2>(w, alpha, rows, value_offset, acc, d),
+        1 => value_columns::<1>(w, alpha, rows, value_offset, acc, d),
+        _ => {}
     }
 }
 
-/// Output values `d0..d0 + 8 * V` of every query, four queries at a time.
+/// Output values `d0..d0 + 8 * V` of every query, two queries at a time (the block's slice of these
+/// values stays in L1 across them).
 #[target_feature(enable = "avx2,fma,f16c")]
 fn value_columns<const V: usize>(
     w: &[f32],
@@ -224,15 +259,12 @@ fn value_columns<const V: usize>(
 ) {
     let nq = alpha.len();
     let mut qi = 0;
-    while qi + 4 <= nq {
-        value_tile::<4, V>(w, alpha, rows, value_offset, acc, qi, d0);
-        qi += 4;
+    while qi + 2 <= nq {
+        value_tile::<2, V>(w, alpha, rows, value_offset, acc, qi, d0);
+        qi += 2;
     }
-    match nq - qi {
-        3 => value_tile::<3, V>(w, alpha, rows, value_offset, acc, qi, d0),
-        2 => value_tile::<2, V>(w, alpha, rows, value_offset, acc, qi, d0),
-        1 => value_tile::<1, V>(w, alpha, rows, value_offset, acc, qi, d0),
-        _ => {}
+    if qi < nq {
+        value_tile::<1, V>(w, alpha, rows, value_offset, acc, qi, d0);
     }
 }
 
@@ -261,15 +293,16 @@ fn value_tile<const H: usize, const V: usize>(
     for t in 0..rows.count() {
         // SAFETY: t < count and value_offset + vw <= width (checked by `accumulate`).
         let row = unsafe { rows.data.as_ptr().add(t * rows.width + value_offset + d0) };
-        let mut x = [_mm256_setzero_ps(); V];
+        let mut p = [_mm256_setzero_ps(); H];
+        for h in 0..H {
+            p[h] = _mm256_set1_ps(w[h * BLOCK + t]);
+        }
+        // one value vector at a time: H * V accumulators + H weights + 1 value fit in 16 registers
         for v in 0..V {
             // SAFETY: d0 + 8 * V <= vw.
-            x[v] = unsafe { _mm256_loadu_ps(row.add(8 * v)) };
-        }
-        for h in 0..H {
-            let p = _mm256_set1_ps(w[h * BLOCK + t]);
-            for v in 0..V {
-                tile[h][v] = _mm256_fmadd_ps(p, x[v], tile[h][v]);
+            let x = unsafe { _mm256_loadu_ps(row.add(8 * v)) };
+            for h in 0..H {
+                tile[h][v] = _mm256_fmadd_ps(p[h], x, tile[h][v]);
             }
         }
     }

@@ -393,6 +393,8 @@ fn run_task(kernel: Kernel, p: &Problem, rows: Range<usize>, keys: Range<usize>)
         let nb = BLOCK.min(end - b0);
         let block = &mut block[..nb * width];
         kernel.convert(p.pool, &p.slots[b0..b0 + nb], block);
+        let next = (b0 + nb)..(b0 + nb + BLOCK).min(end);
+        kernel.prefetch(p.pool, &p.slots[next]);
         for (r, i) in rows.clone().enumerate() {
             let visible = (p.start + i + 1).saturating_sub(b0).min(nb);
             valid[r * group..][..group].fill(visible);
@@ -464,6 +466,17 @@ impl Kernel {
             // SAFETY: `Kernel::Avx2` exists only on CPUs with AVX2, FMA and F16C.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { avx2::convert(pool, slots, out) },
+        }
+    }
+
+    /// Starts loading the rows of `slots` into cache (the next block, while this one is computed).
+    fn prefetch(self, pool: &RowPool, slots: &[usize]) {
+        match self {
+            // the reference leaves it to the hardware
+            Kernel::Scalar => {}
+            // SAFETY: as in `convert`.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { avx2::prefetch(pool, slots) },
         }
     }
 
