@@ -9,5 +9,6 @@ pub mod cpu;
 mod error;
 pub mod qmatmul;
 
+pub use attention::{AttentionError, CacheFormat, RowLayout, RowPool, attend};
 pub use error::KernelError;
 pub use qmatmul::{QMatrix, WeightBytes};

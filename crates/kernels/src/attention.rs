@@ -1,1 +1,0 @@
-//! Attention over the rows of a paged KV cache.
