@@ -10,12 +10,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
-use candle_core::Device;
+use anyhow::bail;
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use tiefsee_model::{Logits, Model};
+use tiefsee_model::Logits;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -40,6 +39,8 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    cache: crate::common::CacheArgs,
 }
 
 /// Mean and sample standard deviation, as llama-bench reports them.
@@ -69,8 +70,7 @@ pub fn check(args: &BenchArgs) -> anyhow::Result<()> {
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     check(&args)?;
-    let model = Model::load(&args.model, &Device::Cpu)
-        .with_context(|| format!("cannot load the model in {}", args.model.display()))?;
+    let model = args.cache.load_model(&args.model)?;
     let info = model.info().clone();
     let longest = args.depth + args.n_prompt.max(args.n_gen);
     if longest > info.context_length {
@@ -95,7 +95,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
     // A fresh cache holding the depth tokens.
     let fresh = |extra: usize| -> anyhow::Result<_> {
-        let mut cache = model.new_cache(Some(args.depth + extra));
+        let mut cache = model.new_cache(Some(args.depth + extra))?;
         if !depth_tokens.is_empty() {
             model.forward(&depth_tokens, &mut cache, Logits::Last)?;
         }

@@ -10,7 +10,7 @@ use clap::Args;
 use tiefsee_engine::Session;
 use tiefsee_tokenizer::Message;
 
-use crate::common::{self, SamplingArgs};
+use crate::common::{self, CacheArgs, SamplingArgs};
 
 #[derive(Args)]
 pub struct ChatArgs {
@@ -25,11 +25,13 @@ pub struct ChatArgs {
     verbose: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    cache: CacheArgs,
 }
 
 pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let mut sampler = args.sampling.sampler()?;
-    let loaded = common::load(&crate::model_dir(args.model)?)?;
+    let loaded = common::load(&crate::model_dir(args.model)?, &args.cache)?;
     loaded.tokenizer.chat_template()?;
     let generating = Arc::new(AtomicBool::new(false));
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -44,7 +46,7 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
         })?;
     }
     let mut history: Vec<Message> = args.system.into_iter().map(Message::system).collect();
-    let mut session = Session::new(&loaded.model, args.sampling.ctx);
+    let mut session = Session::new(&loaded.model, args.sampling.ctx)?;
     eprintln!(
         "tiefsee chat with {} - Ctrl-C stops an answer, /clear forgets, Ctrl-D or /exit leaves",
         loaded.dir.display()

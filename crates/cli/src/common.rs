@@ -9,7 +9,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
 use tiefsee_engine::{GenerateOptions, GenerationStats, Sampler, SamplingParams, Session};
-use tiefsee_model::Model;
+use tiefsee_model::{CacheFormat, Model};
 use tiefsee_tokenizer::{StopStrings, Tokenizer};
 
 /// A checkpoint ready to generate: weights plus tokenizer.
@@ -19,10 +19,44 @@ pub struct Loaded {
     pub dir: PathBuf,
 }
 
-/// Loads the model and tokenizer of a checkpoint folder or of a GGUF file.
-pub fn load(dir: &Path) -> anyhow::Result<Loaded> {
-    let model = Model::load(dir, &Device::Cpu)
-        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+/// How the KV cache stores its rows (`--cache-type`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default)]
+pub enum CacheType {
+    /// 4 bytes per value: exact.
+    F32,
+    /// 2 bytes per value (the default).
+    #[default]
+    Bf16,
+    /// 8-bit values with one f32 scale per 32 (1.125 bytes per value).
+    Q8,
+}
+
+/// The `--cache-type` flag of every command that runs the model.
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// KV cache storage: f32, bf16 or q8 (8-bit).
+    #[arg(long, value_enum, default_value_t)]
+    pub cache_type: CacheType,
+}
+
+impl CacheArgs {
+    /// Loads the model of a checkpoint folder or GGUF file with this cache format.
+    pub fn load_model(&self, dir: &Path) -> anyhow::Result<Model> {
+        let mut model = Model::load(dir, &Device::Cpu)
+            .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+        model.set_cache_format(match self.cache_type {
+            CacheType::F32 => CacheFormat::F32,
+            CacheType::Bf16 => CacheFormat::Bf16,
+            CacheType::Q8 => CacheFormat::Q8,
+        })?;
+        Ok(model)
+    }
+}
+
+/// Loads the model (with the cache format of `cache`) and tokenizer of a checkpoint folder or of a
+/// GGUF file.
+pub fn load(dir: &Path, cache: &CacheArgs) -> anyhow::Result<Loaded> {
+    let model = cache.load_model(dir)?;
     let tokenizer = if tiefsee_model::gguf::is_gguf(dir) {
         Tokenizer::from_gguf(dir)
     } else {
@@ -170,13 +204,14 @@ pub fn stream_answer(
 pub fn print_stats(loaded: &Loaded, stats: &GenerationStats) {
     let info = loaded.model.info();
     eprintln!(
-        "\n[prompt {} tokens ({} computed) at {:.1} tok/s | generated {} tokens at {:.1} tok/s | stop: {:?} | KV cache {} bytes/token ({} for full MHA), {} bytes in use]",
+        "\n[prompt {} tokens ({} computed) at {:.1} tok/s | generated {} tokens at {:.1} tok/s | stop: {:?} | KV cache {} {} bytes/token ({} for full MHA), {} bytes in use]",
         stats.prompt_tokens,
         stats.prefilled_tokens,
         stats.prefill_tps(),
         stats.generated_tokens,
         stats.decode_tps(),
         stats.stop,
+        info.cache_dtype,
         info.kv_bytes_per_token,
         info.kv_bytes_per_token_mha,
         stats.cache_bytes,

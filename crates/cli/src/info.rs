@@ -2,10 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use candle_core::Device;
 use clap::Args;
-use tiefsee_model::Model;
 
 #[derive(Args)]
 pub struct InfoArgs {
@@ -15,12 +12,13 @@ pub struct InfoArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    cache: crate::common::CacheArgs,
 }
 
 pub fn info(args: InfoArgs) -> anyhow::Result<()> {
     let dir = crate::model_dir(args.model)?;
-    let model = Model::load(&dir, &Device::Cpu)
-        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    let model = args.cache.load_model(&dir)?;
     let info = model.info();
     if args.json {
         println!("{}", serde_json::to_string(info)?);

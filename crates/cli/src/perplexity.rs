@@ -19,13 +19,15 @@ pub struct PerplexityArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    cache: crate::common::CacheArgs,
 }
 
 pub fn perplexity(args: PerplexityArgs) -> anyhow::Result<()> {
     let dir = crate::model_dir(args.model)?;
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read {} as UTF-8 text", args.file.display()))?;
-    let loaded = crate::common::load(&dir)?;
+    let loaded = crate::common::load(&dir, &args.cache)?;
     let tokens = loaded.tokenizer.encode(&text, true)?;
     if tokens.len() < 2 {
         anyhow::bail!(

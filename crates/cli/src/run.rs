@@ -6,7 +6,7 @@ use clap::Args;
 use tiefsee_engine::Session;
 use tiefsee_tokenizer::Message;
 
-use crate::common::{self, SamplingArgs};
+use crate::common::{self, CacheArgs, SamplingArgs};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -24,6 +24,8 @@ pub struct RunArgs {
     system: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    cache: CacheArgs,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -34,7 +36,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         anyhow::bail!("--system needs the chat template; it cannot be used with --raw");
     }
     let mut sampler = args.sampling.sampler()?;
-    let loaded = common::load(&crate::model_dir(args.model)?)?;
+    let loaded = common::load(&crate::model_dir(args.model)?, &args.cache)?;
     let prompt = if args.raw {
         loaded.tokenizer.encode(&args.prompt, true)?
     } else {
@@ -48,7 +50,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             .apply_chat_template(&messages, true)
             .map_err(|e| anyhow::anyhow!("{e} (use --raw to continue plain text)"))?
     };
-    let mut session = Session::new(&loaded.model, args.sampling.ctx);
+    let mut session = Session::new(&loaded.model, args.sampling.ctx)?;
     let (_, stats) = common::stream_answer(
         &loaded,
         &mut session,

@@ -35,13 +35,15 @@ pub struct ServeArgs {
     /// KV-cache blocks of 16 tokens (by default enough for max-seqs full contexts).
     #[arg(long)]
     kv_blocks: Option<usize>,
+    #[command(flatten)]
+    cache: crate::common::CacheArgs,
 }
 
 /// Token slots per cache block.
 const BLOCK_SIZE: usize = 16;
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let loaded = crate::common::load(&crate::model_dir(args.model)?)?;
+    let loaded = crate::common::load(&crate::model_dir(args.model)?, &args.cache)?;
     let max = loaded.model.config().max_position_embeddings();
     let context = match args.ctx {
         Some(0) => anyhow::bail!("--ctx must be at least 1"),

@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 use tiefsee_gguf::{GgufFile, MetadataValue};
-use tiefsee_model::{Logits, Model};
+use tiefsee_model::{CacheFormat, Logits, Model};
 
 const NAME_KEYS: &[&str] = &["general.name", "general.basename", "general.version"];
 
@@ -195,9 +195,10 @@ fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
 }
 
 fn all_logits(path: &Path, ids: &[u32]) -> Tensor {
-    let model =
+    let mut model =
         Model::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut cache = model.new_cache(None);
+    model.set_cache_format(CacheFormat::F32).unwrap();
+    let mut cache = model.new_cache(None).unwrap();
     model.forward(ids, &mut cache, Logits::All).unwrap()
 }
 

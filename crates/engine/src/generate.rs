@@ -67,13 +67,13 @@ pub struct Session<'m> {
 
 impl<'m> Session<'m> {
     /// A fresh session holding at most `context` tokens (the model's maximum when `None`).
-    pub fn new(model: &'m Model, context: Option<usize>) -> Self {
-        Self {
+    pub fn new(model: &'m Model, context: Option<usize>) -> Result<Self> {
+        Ok(Self {
             model,
             context,
-            cache: model.new_cache(context),
+            cache: model.new_cache(context)?,
             tokens: Vec::new(),
-        }
+        })
     }
 
     /// Generates after `prompt`, calling `on_token` with each new token until a stop.
@@ -86,7 +86,7 @@ impl<'m> Session<'m> {
     ) -> Result<GenerationStats> {
         let reuse = self.tokens.len() < prompt.len() && prompt.starts_with(&self.tokens);
         if !reuse {
-            self.cache = self.model.new_cache(self.context);
+            self.cache = self.model.new_cache(self.context)?;
             self.tokens.clear();
         }
         let new = &prompt[self.tokens.len()..];

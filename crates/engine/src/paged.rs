@@ -14,11 +14,11 @@ pub struct PagedExecutor<'m> {
 
 impl<'m> PagedExecutor<'m> {
     /// An executor whose pool matches a scheduler of `num_blocks` blocks of `block_size` slots.
-    pub fn new(model: &'m Model, num_blocks: usize, block_size: usize) -> Self {
-        Self {
+    pub fn new(model: &'m Model, num_blocks: usize, block_size: usize) -> Result<Self> {
+        Ok(Self {
             model,
-            cache: model.new_paged_cache(num_blocks * block_size),
-        }
+            cache: model.new_paged_cache(num_blocks * block_size)?,
+        })
     }
 }
 

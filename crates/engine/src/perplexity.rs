@@ -35,7 +35,7 @@ pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize) -> Result<Perplexit
     loop {
         let end = (start + ctx).min(tokens.len());
         let window = &tokens[start..end];
-        let mut cache = model.new_cache(Some(window.len()));
+        let mut cache = model.new_cache(Some(window.len()))?;
         let logits: Vec<Vec<f32>> = model.forward(window, &mut cache, Logits::All)?.to_vec2()?;
         // Token at window position i + 1 is predicted by row i; score only tokens not scored yet.
         let first_new = if start == 0 { 1 } else { scored + 1 - start };

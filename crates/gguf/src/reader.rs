@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 
@@ -117,7 +118,7 @@ impl TensorView<'_> {
 /// An open GGUF file: its metadata and tensor infos parsed and checked, its data memory-mapped.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     version: u32,
     alignment: usize,
     data_offset: usize,
@@ -141,7 +142,7 @@ impl GgufFile {
         let header = parse(&path, &mmap)?;
         Ok(Self {
             path,
-            mmap,
+            mmap: Arc::new(mmap),
             version: header.version,
             alignment: header.alignment,
             data_offset: header.data_offset,
@@ -154,6 +155,12 @@ impl GgufFile {
     /// The file this was read from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The whole file's memory map, shared: tensor bytes live at [`TensorInfo::file_offset`], and
+    /// holders of the map keep weights usable without copying after this `GgufFile` is dropped.
+    pub fn shared_map(&self) -> Arc<Mmap> {
+        Arc::clone(&self.mmap)
     }
 
     /// GGUF version (2 or 3).

@@ -1,20 +1,38 @@
-//! Attention caches. Per layer, each token leaves two rows: for MLA the normalized latent `c_kv`
-//! (kv_lora_rank) and the rotated RoPE key `k_pe` (qk_rope_head_dim), nothing per head; for
-//! grouped-query attention its keys and values (kv_heads * head_dim each).
+//! Attention caches. Per layer, each token leaves one row: for MLA the normalized latent `c_kv`
+//! (kv_lora_rank) followed by the rotated RoPE key `k_pe` (qk_rope_head_dim), nothing per head; for
+//! grouped-query attention its keys then its values (kv_heads * head_dim each).
 //!
-//! The forward pass reaches a cache through [`KvStore`]: new rows of one sequence go in, all of that
-//! sequence's rows come out. [`Cache`] keeps one sequence contiguously (the CLI's generation loop);
-//! [`PagedCache`] keeps many sequences in a pool of fixed-size slots addressed through per-sequence
-//! slot tables (the serving engine's block tables), so sequences can share prefix blocks.
+//! Rows live in [`RowPool`]s, one per layer, in the cache's [`CacheFormat`] (bf16 by default, f32
+//! or 8-bit on request), and attention runs directly over them ([`KvStore::attend`]). The forward
+//! pass reaches a cache through [`KvStore`]. [`Cache`] keeps one sequence in consecutive slots (the
+//! CLI's generation loop); [`PagedCache`] keeps many sequences in a pool of slots addressed through
+//! per-sequence slot tables (the serving engine's block tables), so sequences can share prefix blocks.
 
 use candle_core::{Device, Tensor};
+use tiefsee_kernels::attention::{self, RowLayout, RowPool};
+
+pub use tiefsee_kernels::attention::CacheFormat;
 
 use crate::error::{ModelError, Result};
 
+/// What attention over the cache needs besides the rows: the queries and how to read rows.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionQuery<'a> {
+    /// Where keys and values sit in a row.
+    pub layout: RowLayout,
+    /// (n, heads, key_width) for the `n` new tokens.
+    pub queries: &'a [f32],
+    /// Query heads.
+    pub heads: usize,
+    /// Softmax scale.
+    pub scale: f32,
+}
+
 /// What the forward pass needs from a cache.
 pub trait KvStore {
-    /// Stores the rows (tokens, width) of sequence `seq` for `layer`, at positions `start ..`, and
-    /// returns all of that sequence's rows `0 .. start + tokens`.
+    /// Stores the rows (tokens, width_a) and (tokens, width_b) of sequence `seq` for `layer`, at
+    /// positions `start ..`, and returns all of that sequence's rows `0 .. start + tokens` as f32
+    /// (as stored: rounded to the cache's format). The reference path; training differentiates it.
     fn store(
         &mut self,
         seq: usize,
@@ -23,25 +41,143 @@ pub trait KvStore {
         a: &Tensor,
         b: &Tensor,
     ) -> Result<(Tensor, Tensor)>;
+
+    /// Stores the rows `[a | b]` (n, width_a + width_b) of sequence `seq` for `layer` at positions
+    /// `start ..` and attends the `n` queries over all of that sequence's rows, causally:
+    /// returns (n, heads, value_width).
+    fn attend(
+        &mut self,
+        seq: usize,
+        layer: usize,
+        start: usize,
+        rows: &[f32],
+        query: AttentionQuery,
+    ) -> Result<Vec<f32>>;
 }
 
-/// The cache of one sequence: per layer, two row tensors grown as tokens arrive.
+/// Per layer, one pool of rows `[a | b]`.
+#[derive(Debug, Clone)]
+struct LayerPools {
+    layers: Vec<RowPool>,
+    widths: (usize, usize),
+}
+
+impl LayerPools {
+    fn new(
+        format: CacheFormat,
+        layers: usize,
+        slots: usize,
+        widths: (usize, usize),
+    ) -> Result<Self> {
+        Ok(Self {
+            layers: (0..layers)
+                .map(|_| RowPool::new(format, slots, widths.0 + widths.1))
+                .collect::<std::result::Result<_, _>>()?,
+            widths,
+        })
+    }
+
+    fn width(&self) -> usize {
+        self.widths.0 + self.widths.1
+    }
+
+    /// Writes rows (n, width) into `slots`.
+    fn write(&mut self, layer: usize, slots: &[usize], rows: &[f32]) -> Result<()> {
+        let pool = &mut self.layers[layer];
+        for (&slot, row) in slots
+            .iter()
+            .zip(rows.chunks_exact(self.widths.0 + self.widths.1))
+        {
+            pool.write(slot, row)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `[a | b]` into `new_slots` and returns the rows of `all_slots` as two f32 tensors.
+    fn store(
+        &mut self,
+        layer: usize,
+        new_slots: &[usize],
+        all_slots: &[usize],
+        a: &Tensor,
+        b: &Tensor,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let rows = Tensor::cat(&[a, b], 1)?.flatten_all()?.to_vec1::<f32>()?;
+        self.write(layer, new_slots, &rows)?;
+        let width = self.width();
+        let mut all = vec![0f32; all_slots.len() * width];
+        for (&slot, row) in all_slots.iter().zip(all.chunks_exact_mut(width)) {
+            self.layers[layer].read(slot, row)?;
+        }
+        let all = Tensor::from_vec(all, (all_slots.len(), width), device)?;
+        Ok((
+            all.narrow(1, 0, self.widths.0)?.contiguous()?,
+            all.narrow(1, self.widths.0, self.widths.1)?.contiguous()?,
+        ))
+    }
+
+    /// Writes `rows` into `new_slots`, then attends over `all_slots`.
+    fn attend(
+        &mut self,
+        layer: usize,
+        new_slots: &[usize],
+        all_slots: &[usize],
+        start: usize,
+        rows: &[f32],
+        query: AttentionQuery,
+    ) -> Result<Vec<f32>> {
+        self.write(layer, new_slots, rows)?;
+        let n = new_slots.len();
+        let mut out = vec![0f32; n * query.heads * query.layout.value_width];
+        attention::attend(
+            &self.layers[layer],
+            query.layout,
+            all_slots,
+            query.queries,
+            query.heads,
+            start,
+            query.scale,
+            &mut out,
+        )?;
+        Ok(out)
+    }
+
+    fn bytes(&self) -> usize {
+        self.layers.iter().map(RowPool::bytes).sum()
+    }
+}
+
+/// The cache of one sequence, in consecutive slots; its pools grow (doubling) up to `context`.
 #[derive(Debug, Clone)]
 pub struct Cache {
-    /// Per layer: (len, width_a) and (len, width_b) rows, `None` before the first token.
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    pools: LayerPools,
+    format: CacheFormat,
+    /// `0 .. capacity`: the slot of every position.
+    identity: Vec<usize>,
     len: usize,
     context: usize,
 }
 
+/// Slots a fresh [`Cache`] starts with before growing.
+const INITIAL_SLOTS: usize = 256;
+
 impl Cache {
-    /// An empty cache for `layers` layers holding at most `context` tokens.
-    pub fn new(layers: usize, context: usize) -> Self {
-        Self {
-            layers: vec![None; layers],
+    /// An empty cache for `layers` layers holding at most `context` tokens, with rows of widths `widths`.
+    pub fn new(
+        format: CacheFormat,
+        layers: usize,
+        context: usize,
+        widths: (usize, usize),
+    ) -> Result<Self> {
+        let capacity = INITIAL_SLOTS.min(context);
+        Ok(Self {
+            pools: LayerPools::new(format, layers, capacity, widths)?,
+            format,
+            identity: (0..capacity).collect(),
             len: 0,
             context,
-        }
+        })
     }
 
     /// Tokens cached so far: the position of the next token.
@@ -59,25 +195,55 @@ impl Cache {
         self.context
     }
 
-    /// Bytes held by all layers.
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(a, b)| (a.elem_count() + b.elem_count()) * a.dtype().size_in_bytes())
-            .sum()
+    /// The storage format of the rows.
+    pub fn format(&self) -> CacheFormat {
+        self.format
     }
 
-    /// Checks that `n` more tokens fit; called before any layer is touched.
-    pub(crate) fn reserve(&self, n: usize) -> Result<()> {
+    /// Bytes the cached tokens occupy, all layers.
+    pub fn bytes(&self) -> usize {
+        self.len * self.bytes_per_token()
+    }
+
+    /// Bytes one token occupies, all layers.
+    pub fn bytes_per_token(&self) -> usize {
+        self.pools.layers.iter().map(RowPool::bytes_per_row).sum()
+    }
+
+    /// Bytes allocated for rows, all layers (grows by doubling up to the context).
+    pub fn allocated_bytes(&self) -> usize {
+        self.pools.bytes()
+    }
+
+    /// Checks that `n` more tokens fit and makes room for them; called before any layer is touched.
+    pub(crate) fn reserve(&mut self, n: usize) -> Result<()> {
         if n == 0 {
             return Err(ModelError::EmptyInput);
         }
-        if self.len + n > self.context {
+        let needed = self.len + n;
+        if needed > self.context {
             return Err(ModelError::ContextOverflow {
-                needed: self.len + n,
+                needed,
                 context: self.context,
             });
+        }
+        if needed > self.identity.len() {
+            let capacity = needed.next_power_of_two().min(self.context);
+            let mut grown = LayerPools::new(
+                self.format,
+                self.pools.layers.len(),
+                capacity,
+                self.pools.widths,
+            )?;
+            let mut row = vec![0f32; self.pools.width()];
+            for (old, new) in self.pools.layers.iter().zip(&mut grown.layers) {
+                for slot in 0..self.len {
+                    old.read(slot, &mut row)?;
+                    new.write(slot, &row)?;
+                }
+            }
+            self.pools = grown;
+            self.identity = (0..capacity).collect();
         }
         Ok(())
     }
@@ -93,16 +259,38 @@ impl KvStore for Cache {
         &mut self,
         _seq: usize,
         layer: usize,
-        _start: usize,
+        start: usize,
         a: &Tensor,
         b: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let full = match &self.layers[layer] {
-            None => (a.clone(), b.clone()),
-            Some((old_a, old_b)) => (Tensor::cat(&[old_a, a], 0)?, Tensor::cat(&[old_b, b], 0)?),
-        };
-        self.layers[layer] = Some(full.clone());
-        Ok(full)
+        let end = start + a.dim(0)?;
+        self.pools.store(
+            layer,
+            &self.identity[start..end],
+            &self.identity[..end],
+            a,
+            b,
+            a.device(),
+        )
+    }
+
+    fn attend(
+        &mut self,
+        _seq: usize,
+        layer: usize,
+        start: usize,
+        rows: &[f32],
+        query: AttentionQuery,
+    ) -> Result<Vec<f32>> {
+        let end = start + rows.len() / self.pools.width();
+        self.pools.attend(
+            layer,
+            &self.identity[start..end],
+            &self.identity[..end],
+            start,
+            rows,
+            query,
+        )
     }
 }
 
@@ -126,34 +314,59 @@ impl KvStore for Uncached {
         }
         Ok((a.clone(), b.clone()))
     }
+
+    fn attend(
+        &mut self,
+        _seq: usize,
+        _layer: usize,
+        start: usize,
+        rows: &[f32],
+        query: AttentionQuery,
+    ) -> Result<Vec<f32>> {
+        if start != 0 {
+            return Err(ModelError::UncachedContinuation { start });
+        }
+        // The sequence's own rows, exactly, in a pool that lives for this call.
+        let width = query.layout.width();
+        let n = rows.len() / width;
+        let mut pools = LayerPools::new(CacheFormat::F32, 1, n, (width, 0))?;
+        let slots: Vec<usize> = (0..n).collect();
+        pools.attend(0, &slots, &slots, 0, rows, query)
+    }
 }
 
-/// A pool of token slots shared by many sequences: per layer, two (slots, width) row arrays.
+/// A pool of token slots shared by many sequences: per layer, one row pool.
 #[derive(Debug, Clone)]
 pub struct PagedCache {
-    /// Per layer: (slots * width_a) and (slots * width_b) values.
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
-    widths: (usize, usize),
+    pools: LayerPools,
     slots: usize,
     device: Device,
 }
 
 impl PagedCache {
     /// A pool of `slots` token slots for `layers` layers with rows of the given widths.
-    pub fn new(layers: usize, slots: usize, widths: (usize, usize), device: &Device) -> Self {
-        Self {
-            layers: (0..layers)
-                .map(|_| (vec![0.0; slots * widths.0], vec![0.0; slots * widths.1]))
-                .collect(),
-            widths,
+    pub fn new(
+        format: CacheFormat,
+        layers: usize,
+        slots: usize,
+        widths: (usize, usize),
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            pools: LayerPools::new(format, layers, slots, widths)?,
             slots,
             device: device.clone(),
-        }
+        })
     }
 
     /// Number of token slots in the pool.
     pub fn slots(&self) -> usize {
         self.slots
+    }
+
+    /// Bytes allocated for rows, all layers.
+    pub fn bytes(&self) -> usize {
+        self.pools.bytes()
     }
 
     /// A view for one forward pass: `slot_tables[i]` maps sequence i's positions to slots.
@@ -202,26 +415,29 @@ impl KvStore for PagedBatch<'_> {
         b: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let table = self.slot_tables[seq];
-        let new = a.dim(0)?;
-        let (wa, wb) = self.cache.widths;
-        let (pool_a, pool_b) = &mut self.cache.layers[layer];
-        let rows_a: Vec<f32> = a.flatten_all()?.to_vec1()?;
-        let rows_b: Vec<f32> = b.flatten_all()?.to_vec1()?;
-        for (i, &slot) in table[start..start + new].iter().enumerate() {
-            pool_a[slot * wa..(slot + 1) * wa].copy_from_slice(&rows_a[i * wa..(i + 1) * wa]);
-            pool_b[slot * wb..(slot + 1) * wb].copy_from_slice(&rows_b[i * wb..(i + 1) * wb]);
-        }
-        let total = start + new;
-        let mut all_a = Vec::with_capacity(total * wa);
-        let mut all_b = Vec::with_capacity(total * wb);
-        for &slot in &table[..total] {
-            all_a.extend_from_slice(&pool_a[slot * wa..(slot + 1) * wa]);
-            all_b.extend_from_slice(&pool_b[slot * wb..(slot + 1) * wb]);
-        }
-        let device = &self.cache.device;
-        Ok((
-            Tensor::from_vec(all_a, (total, wa), device)?,
-            Tensor::from_vec(all_b, (total, wb), device)?,
-        ))
+        let end = start + a.dim(0)?;
+        self.cache.pools.store(
+            layer,
+            &table[start..end],
+            &table[..end],
+            a,
+            b,
+            &self.cache.device,
+        )
+    }
+
+    fn attend(
+        &mut self,
+        seq: usize,
+        layer: usize,
+        start: usize,
+        rows: &[f32],
+        query: AttentionQuery,
+    ) -> Result<Vec<f32>> {
+        let table = self.slot_tables[seq];
+        let end = start + rows.len() / self.cache.pools.width();
+        self.cache
+            .pools
+            .attend(layer, &table[start..end], &table[..end], start, rows, query)
     }
 }

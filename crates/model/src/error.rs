@@ -46,6 +46,10 @@ pub enum ModelError {
     },
     #[error(transparent)]
     Gguf(#[from] tiefsee_gguf::GgufError),
+    #[error(transparent)]
+    Kernel(#[from] tiefsee_kernels::KernelError),
+    #[error("KV cache: {0}")]
+    Attention(#[from] tiefsee_kernels::AttentionError),
     #[error(
         "{path}: GGUF architecture {arch:?} is not supported: tiefsee reads deepseek2, qwen2 and llama"
     )]
@@ -70,6 +74,10 @@ pub enum ModelError {
         path: PathBuf,
         source: Box<ModelError>,
     },
+    #[error(
+        "a {format} cache stores rows in blocks of 32 values, but this model's cache rows have {width}"
+    )]
+    UnsupportedCacheFormat { format: &'static str, width: usize },
     #[error("the input is empty: at least one token is needed")]
     EmptyInput,
     #[error("{needed} tokens do not fit in the context of {context} tokens")]

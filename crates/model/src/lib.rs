@@ -18,7 +18,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-pub use cache::{Cache, KvStore, PagedBatch, PagedCache, Uncached};
+pub use cache::{AttentionQuery, Cache, CacheFormat, KvStore, PagedBatch, PagedCache, Uncached};
 pub use config::ModelConfig;
 pub use deepseek::mla::MlaPath;
 pub use error::{ModelError, Result};
@@ -56,6 +56,9 @@ pub struct Model {
     config: ModelConfig,
     device: Device,
     info: ModelInfo,
+    cache_format: CacheFormat,
+    /// Values cached per token (all layers) and what multi-head attention would cache.
+    kv_values_per_token: (usize, usize),
 }
 
 /// What `tiefsee info` reports about a checkpoint.
@@ -109,13 +112,17 @@ impl Model {
             ModelConfig::DeepSeek(c) => Architecture::DeepSeek(deepseek::DeepSeek::load(&root, c)?),
             ModelConfig::Llama(c) => Architecture::Llama(llama::Llama::load(&root, c)?),
         };
-        let info = model_info(&config, checkpoint);
-        Ok(Self {
+        let (info, kv_values_per_token) = model_info(&config, checkpoint);
+        let mut model = Self {
             arch,
             config,
             device: device.clone(),
             info,
-        })
+            cache_format: CacheFormat::Bf16,
+            kv_values_per_token,
+        };
+        model.set_cache_format(CacheFormat::Bf16)?;
+        Ok(model)
     }
 
     /// The configuration read from `config.json`.
@@ -144,13 +151,44 @@ impl Model {
         }
     }
 
-    /// An empty cache for up to `context` tokens (at most the configured maximum when `None`).
-    pub fn new_cache(&self, context: Option<usize>) -> Cache {
-        let context = context.unwrap_or(self.config.max_position_embeddings());
+    /// Chooses how caches made from now on store their rows (bf16 by default); `info` reports it.
+    /// An 8-bit cache needs rows that are whole blocks of 32 values.
+    pub fn set_cache_format(&mut self, format: CacheFormat) -> Result<()> {
+        let (layers, widths) = self.cache_shape();
+        let width = widths.0 + widths.1;
+        let per_row = CacheFormat::bytes_per_row(format, width).ok_or_else(|| {
+            ModelError::UnsupportedCacheFormat {
+                format: format.name(),
+                width,
+            }
+        })?;
+        let (values, mha_values) = self.kv_values_per_token;
+        self.cache_format = format;
+        self.info.cache_dtype = format.name().to_owned();
+        self.info.kv_bytes_per_token = (layers * per_row) as u64;
+        self.info.kv_bytes_per_token_mha = (mha_values * layers * per_row / values) as u64;
+        Ok(())
+    }
+
+    /// How caches store their rows.
+    pub fn cache_format(&self) -> CacheFormat {
+        self.cache_format
+    }
+
+    /// Cached layers and the widths of the two row parts per token and layer.
+    fn cache_shape(&self) -> (usize, (usize, usize)) {
         match &self.arch {
-            Architecture::DeepSeek(m) => m.new_cache(context),
-            Architecture::Llama(m) => m.new_cache(context),
+            Architecture::DeepSeek(m) => (m.cache_layers(), m.cache_row_widths()),
+            Architecture::Llama(m) => (m.cache_layers(), m.cache_row_widths()),
         }
+    }
+
+    /// An empty cache for up to `context` tokens (at most the configured maximum when `None`).
+    /// Its memory grows by doubling as tokens arrive, up to what `context` tokens take.
+    pub fn new_cache(&self, context: Option<usize>) -> Result<Cache> {
+        let context = context.unwrap_or(self.config.max_position_embeddings());
+        let (layers, widths) = self.cache_shape();
+        Cache::new(self.cache_format, layers, context, widths)
     }
 
     /// Runs `tokens` after what `cache` holds and returns f32 logits, (1 | seq, vocab).
@@ -171,12 +209,9 @@ impl Model {
     }
 
     /// An empty pool of `slots` token slots for [`Model::forward_paged`].
-    pub fn new_paged_cache(&self, slots: usize) -> PagedCache {
-        let (layers, widths) = match &self.arch {
-            Architecture::DeepSeek(m) => (m.cache_layers(), m.cache_row_widths()),
-            Architecture::Llama(m) => (m.cache_layers(), m.cache_row_widths()),
-        };
-        PagedCache::new(layers, slots, widths, &self.device)
+    pub fn new_paged_cache(&self, slots: usize) -> Result<PagedCache> {
+        let (layers, widths) = self.cache_shape();
+        PagedCache::new(self.cache_format, layers, slots, widths, &self.device)
     }
 
     /// One batched step over sequences kept in a paged cache: `slot_tables[i]` gives the slot of
@@ -260,7 +295,9 @@ impl Model {
     }
 }
 
-fn model_info(config: &ModelConfig, checkpoint: &Checkpoint) -> ModelInfo {
+/// What `info` reports, with the cache sizes still in values (set in bytes by the cache format), and
+/// the values cached per token next to what multi-head attention would cache.
+fn model_info(config: &ModelConfig, checkpoint: &Checkpoint) -> (ModelInfo, (usize, usize)) {
     let numel = |name: &str| -> u64 {
         checkpoint
             .shape_of(name)
@@ -274,7 +311,6 @@ fn model_info(config: &ModelConfig, checkpoint: &Checkpoint) -> ModelInfo {
             .map(numel)
             .sum()
     };
-    let cache_dtype_bytes = 4u64;
     match config {
         ModelConfig::DeepSeek(c) => {
             let mtp_prefixes: Vec<String> = (0..c.num_nextn_predict_layers)
@@ -289,41 +325,39 @@ fn model_info(config: &ModelConfig, checkpoint: &Checkpoint) -> ModelInfo {
             let expert_params = 3 * (c.hidden_size * c.moe_intermediate_size) as u64;
             let idle = (c.n_routed_experts - c.num_experts_per_tok) as u64;
             let (latent, mha) = deepseek::mla::kv_elements_per_token(c);
-            ModelInfo {
+            let info = ModelInfo {
                 architecture: config.architecture().into(),
                 total_params,
                 active_params: total_params - moe_layers * idle * expert_params,
                 mtp_params,
                 stored_dtypes: checkpoint.stored_dtypes(),
-                cache_dtype: "F32".into(),
-                kv_bytes_per_token: latent as u64 * cache_dtype_bytes,
-                kv_bytes_per_token_mha: mha as u64 * cache_dtype_bytes,
+                cache_dtype: String::new(),
+                kv_bytes_per_token: 0,
+                kv_bytes_per_token_mha: 0,
                 layers: c.num_hidden_layers,
                 vocab_size: c.vocab_size,
                 context_length: c.max_position_embeddings,
-            }
+            };
+            (info, (latent, mha))
         }
         ModelConfig::Llama(c) => {
             let total_params = params(&|n| !(c.tie_word_embeddings && n == "lm_head.weight"));
-            let kv = (2 * c.num_key_value_heads * c.head_dim * c.num_hidden_layers) as u64
-                * cache_dtype_bytes;
-            ModelInfo {
+            let kv = 2 * c.num_key_value_heads * c.head_dim * c.num_hidden_layers;
+            let mha = 2 * c.num_attention_heads * c.head_dim * c.num_hidden_layers;
+            let info = ModelInfo {
                 architecture: config.architecture().into(),
                 total_params,
                 active_params: total_params,
                 mtp_params: 0,
                 stored_dtypes: checkpoint.stored_dtypes(),
-                cache_dtype: "F32".into(),
-                kv_bytes_per_token: kv,
-                kv_bytes_per_token_mha: (2
-                    * c.num_attention_heads
-                    * c.head_dim
-                    * c.num_hidden_layers) as u64
-                    * cache_dtype_bytes,
+                cache_dtype: String::new(),
+                kv_bytes_per_token: 0,
+                kv_bytes_per_token_mha: 0,
                 layers: c.num_hidden_layers,
                 vocab_size: c.vocab_size,
                 context_length: c.max_position_embeddings,
-            }
+            };
+            (info, (kv, mha))
         }
     }
 }

@@ -3,12 +3,13 @@
 //! Qwen2 differs only by its query/key/value biases, so both share this file.
 
 use candle_core::Tensor;
+use tiefsee_kernels::attention::RowLayout;
 
 use crate::Segment;
-use crate::cache::{Cache, KvStore};
+use crate::cache::{AttentionQuery, KvStore};
 use crate::config::LlamaConfig;
 use crate::error::Result;
-use crate::nn::{Linear, Mlp, RmsNorm, causal_mask, masked_softmax};
+use crate::nn::{Embedding, Linear, Mlp, RmsNorm};
 use crate::rope::{RopeStyle, RotaryEmbedding};
 use crate::weights::Weights;
 
@@ -67,38 +68,27 @@ impl Attention {
             let k = self
                 .rope
                 .apply(&heads_first(&k_all, self.kv_heads)?, start)?;
-            // Cached rows are (n, kv_heads * d).
+            // Cached rows are [k | v], (n, 2 * kv_heads * d); queries (n, heads, d).
             let k = k
                 .squeeze(0)?
                 .transpose(0, 1)?
                 .reshape((n, self.kv_heads * d))?;
-            let (k, v) = store.store(seq, layer, start, &k, &v_all.narrow(0, offset, n)?)?;
-            let t = k.dim(0)?;
-            // (t, kv_heads * d) -> (kv_heads, t, d)
-            let k = k
-                .reshape((t, self.kv_heads, d))?
+            let rows = Tensor::cat(&[&k, &v_all.narrow(0, offset, n)?], 1)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let queries = q
+                .squeeze(0)?
                 .transpose(0, 1)?
-                .contiguous()?;
-            let v = v
-                .reshape((t, self.kv_heads, d))?
-                .transpose(0, 1)?
-                .contiguous()?;
-            let group = self.heads / self.kv_heads;
-            // Query head h uses key/value head h / group: (heads, n, d) -> (kv_heads, group * n, d).
-            let q = q.squeeze(0)?.reshape((self.kv_heads, group * n, d))?;
-            let scores = q.matmul(&k.t()?)?.reshape((self.heads, n, t))?;
-            let mask = if n > 1 {
-                Some(causal_mask(start, n, x.device())?)
-            } else {
-                None
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let query = AttentionQuery {
+                layout: RowLayout::grouped(self.kv_heads, d),
+                queries: &queries,
+                heads: self.heads,
+                scale: (d as f32).powf(-0.5),
             };
-            let probs = masked_softmax(&scores, (d as f64).powf(-0.5), mask.as_ref())?;
-            let out = probs
-                .reshape((self.kv_heads, group * n, t))?
-                .matmul(&v)?
-                .reshape((self.heads, n, d))?
-                .transpose(0, 1)?
-                .reshape((n, self.heads * d))?;
+            let out = store.attend(seq, layer, start, &rows, query)?;
+            let out = Tensor::from_vec(out, (n, self.heads * d), x.device())?;
             outputs.push(out);
             offset += n;
         }
@@ -120,7 +110,7 @@ struct Block {
 pub struct Llama {
     cfg: LlamaConfig,
     /// (vocab, hidden)
-    embed: Tensor,
+    embed: Embedding,
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -131,7 +121,7 @@ impl Llama {
     pub fn load(w: &Weights, cfg: &LlamaConfig) -> Result<Self> {
         let (vocab, hidden, eps) = (cfg.vocab_size, cfg.hidden_size, cfg.rms_norm_eps);
         let model = w.pp("model");
-        let embed = model.get("embed_tokens.weight", &[vocab, hidden])?;
+        let embed = Embedding::load(&model.pp("embed_tokens"), vocab, hidden)?;
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let l = model.pp(format!("layers.{i}"));
@@ -145,7 +135,7 @@ impl Llama {
             .collect::<Result<Vec<_>>>()?;
         // Some tied checkpoints still store lm_head; transformers ignores it then, and so do we.
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::from_weight(embed.clone())
+            embed.as_linear()
         } else {
             Linear::load(&w.pp("lm_head"), hidden, vocab, false)?
         };
@@ -161,11 +151,6 @@ impl Llama {
     /// The configuration the model was loaded with.
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
-    }
-
-    /// An empty key/value cache for up to `context` tokens.
-    pub fn new_cache(&self, context: usize) -> Cache {
-        Cache::new(self.blocks.len(), context)
     }
 
     /// Widths of the two cached rows per token and layer: keys and values of all kv heads.
@@ -186,7 +171,7 @@ impl Llama {
         segments: &[Segment],
         store: &mut dyn KvStore,
     ) -> Result<Tensor> {
-        let mut x = self.embed.index_select(tokens, 0)?;
+        let mut x = self.embed.forward(tokens)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block
                 .attn

@@ -3,23 +3,36 @@
 //! Activations are 2-D, `(tokens, features)`, in f32; weights keep the checkpoint's `(out, in)` layout.
 
 use candle_core::{D, Device, Tensor};
+use tiefsee_kernels::QMatrix;
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::weights::Weights;
+
+/// The weight of a linear map: f32 values, or llama.cpp blocks multiplied by the quantized kernels.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    /// (out, in) f32, differentiable.
+    Dense(Tensor),
+    /// (out, in) in a GGUF block format, read in place from the file's memory map.
+    Quantized(QMatrix),
+}
 
 /// `y = x W^T (+ b)` with `W` stored as (out, in).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// (out, in)
-    weight: Tensor,
+    weight: LinearWeight,
     /// (out)
     bias: Option<Tensor>,
 }
 
 impl Linear {
-    /// Loads `{prefix}.weight` of shape (out, in), and `{prefix}.bias` when `bias` is set.
+    /// Loads `{prefix}.weight` of shape (out, in), and `{prefix}.bias` when `bias` is set. A weight
+    /// stored in a block format the kernels multiply (a quantized GGUF) stays in that format.
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = w.get("weight", &[out_dim, in_dim])?;
+        let weight = match w.get_quantized("weight", &[out_dim, in_dim])? {
+            Some(q) => LinearWeight::Quantized(q),
+            None => LinearWeight::Dense(w.get("weight", &[out_dim, in_dim])?),
+        };
         let bias = if bias {
             Some(w.get("bias", &[out_dim])?)
         } else {
@@ -29,22 +42,103 @@ impl Linear {
     }
 
     /// Wraps an existing (out, in) weight.
-    pub fn from_weight(weight: Tensor) -> Self {
+    pub fn from_weight(weight: LinearWeight) -> Self {
         Self { weight, bias: None }
     }
 
     /// The (out, in) weight.
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &LinearWeight {
         &self.weight
     }
 
     /// (tokens, in) -> (tokens, out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Quantized(q) => quantized_matmul(q, x)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+/// (tokens, in) f32 -> (tokens, out) through the quantized kernels.
+pub fn quantized_matmul(q: &QMatrix, x: &Tensor) -> Result<Tensor> {
+    let tokens = x.dim(0)?;
+    let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let mut out = vec![0f32; tokens * q.rows()];
+    q.matmul(&input, &mut out)?;
+    Ok(Tensor::from_vec(out, (tokens, q.rows()), x.device())?)
+}
+
+impl LinearWeight {
+    /// The weight as an f32 (out, in) tensor, dequantizing a quantized one.
+    pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
+        match self {
+            LinearWeight::Dense(w) => Ok(w.clone()),
+            LinearWeight::Quantized(q) => {
+                let mut values = vec![0f32; q.rows() * q.cols()];
+                for (row, out) in values.chunks_exact_mut(q.cols()).enumerate() {
+                    q.dequantize_row(row, out);
+                }
+                Ok(Tensor::from_vec(values, (q.rows(), q.cols()), device)?)
+            }
+        }
+    }
+}
+
+/// A token embedding table (vocab, hidden), f32 or quantized; a quantized table decodes only the rows
+/// it looks up.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    table: LinearWeight,
+    device: Device,
+}
+
+impl Embedding {
+    /// Loads `{prefix}.weight` of shape (vocab, hidden), keeping a quantized GGUF table quantized.
+    pub fn load(w: &Weights, vocab: usize, hidden: usize) -> Result<Self> {
+        let table = match w.get_quantized("weight", &[vocab, hidden])? {
+            Some(q) => LinearWeight::Quantized(q),
+            None => LinearWeight::Dense(w.get("weight", &[vocab, hidden])?),
+        };
+        Ok(Self {
+            table,
+            device: w.device().clone(),
+        })
+    }
+
+    /// The table as the weight of a tied output head.
+    pub fn as_linear(&self) -> Linear {
+        Linear::from_weight(self.table.clone())
+    }
+
+    /// The device embeddings are made on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// (tokens) ids -> (tokens, hidden)
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.table {
+            LinearWeight::Dense(table) => Ok(table.index_select(ids, 0)?),
+            LinearWeight::Quantized(q) => {
+                let ids: Vec<u32> = ids.to_vec1()?;
+                let mut out = vec![0f32; ids.len() * q.cols()];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(q.cols())) {
+                    if id as usize >= q.rows() {
+                        return Err(ModelError::TokenOutOfRange {
+                            id,
+                            vocab_size: q.rows(),
+                        });
+                    }
+                    q.dequantize_row(id as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), q.cols()), &self.device)?)
+            }
+        }
     }
 }
 
@@ -95,9 +189,9 @@ impl Mlp {
     /// An MLP from its three (out, in) weights.
     pub fn from_weights(gate: Tensor, up: Tensor, down: Tensor) -> Self {
         Self {
-            gate: Linear::from_weight(gate),
-            up: Linear::from_weight(up),
-            down: Linear::from_weight(down),
+            gate: Linear::from_weight(LinearWeight::Dense(gate)),
+            up: Linear::from_weight(LinearWeight::Dense(up)),
+            down: Linear::from_weight(LinearWeight::Dense(down)),
         }
     }
 

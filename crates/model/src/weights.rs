@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
+use tiefsee_kernels::QMatrix;
 
 use crate::error::{ModelError, Result};
 use crate::gguf::tensors::GgufTensors;
@@ -190,6 +191,24 @@ impl Checkpoint {
         }
     }
 
+    /// The tensor `name` in its stored block format, when it comes from a GGUF file in a format the
+    /// quantized kernels multiply (Q8_0, Q4_K, ...); `None` means: load it with [`Checkpoint::get`].
+    pub fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QMatrix>> {
+        match &self.gguf {
+            Some(gguf) if !self.in_memory.contains_key(name) => gguf.get_quantized(name, shape),
+            _ => Ok(None),
+        }
+    }
+
+    /// `kv_b_proj` as llama.cpp's quantized MLA pair (`attn_k_b`, `attn_v_b`) when a GGUF stores it
+    /// so; see [`GgufTensors::get_mla_pair`].
+    pub fn get_mla_pair(&self, name: &str, shape: &[usize]) -> Result<Option<(QMatrix, QMatrix)>> {
+        match &self.gguf {
+            Some(gguf) if !self.in_memory.contains_key(name) => gguf.get_mla_pair(name, shape),
+            _ => Ok(None),
+        }
+    }
+
     /// Loads a tensor as f32, checking its shape; FP8 weights are dequantized with their block scales.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         if let Some(tensor) = self.in_memory.get(name) {
@@ -327,6 +346,17 @@ impl<'a> Weights<'a> {
     /// Loads `name` under this prefix as f32, checking its shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.checkpoint.get(&self.full_name(name), shape)
+    }
+
+    /// Loads `name` under this prefix in its quantized block format where it has one the kernels
+    /// multiply; see [`Checkpoint::get_quantized`].
+    pub fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QMatrix>> {
+        self.checkpoint.get_quantized(&self.full_name(name), shape)
+    }
+
+    /// `name` under this prefix as a quantized MLA pair; see [`Checkpoint::get_mla_pair`].
+    pub fn get_mla_pair(&self, name: &str, shape: &[usize]) -> Result<Option<(QMatrix, QMatrix)>> {
+        self.checkpoint.get_mla_pair(&self.full_name(name), shape)
     }
 
     /// Whether `name` exists under this prefix.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use tiefsee_model::config::RopeScaling;
-use tiefsee_model::{Checkpoint, Logits, Model, ModelConfig, ModelError};
+use tiefsee_model::{CacheFormat, Checkpoint, Logits, Model, ModelConfig, ModelError};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -29,7 +29,7 @@ fn prompt_ids(variant: &str) -> Vec<u32> {
 }
 
 fn logits(model: &Model, ids: &[u32]) -> Tensor {
-    let mut cache = model.new_cache(None);
+    let mut cache = model.new_cache(None).expect("a cache");
     model
         .forward(ids, &mut cache, Logits::All)
         .expect("forward")
@@ -49,13 +49,17 @@ fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
     diff.to_scalar::<f32>().unwrap() / spread
 }
 
+/// A model with an exact (f32) cache, so that comparisons see the weights' differences only.
 fn load(path: &Path) -> Model {
-    Model::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    let mut model =
+        Model::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    model.set_cache_format(CacheFormat::F32).expect("f32 cache");
+    model
 }
 
 /// Greedy continuation through the KV cache.
 fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = model.new_cache(None);
+    let mut cache = model.new_cache(None).expect("a cache");
     let mut logits = model.forward(prompt, &mut cache, Logits::Last).unwrap();
     let mut out = Vec::new();
     while out.len() < n {
@@ -108,7 +112,8 @@ fn deepseek_v2_gguf_equals_the_checkpoint_with_llama_cpp_yarn() {
     json["rope_scaling"]["mscale"] = json["rope_scaling"]["mscale_all_dim"].clone();
     let config = ModelConfig::from_json_str(&json.to_string()).unwrap();
     let checkpoint = Checkpoint::open(&dir, &Device::Cpu).unwrap();
-    let reference = Model::from_checkpoint(config, &checkpoint).unwrap();
+    let mut reference = Model::from_checkpoint(config, &checkpoint).unwrap();
+    reference.set_cache_format(CacheFormat::F32).unwrap();
     assert_same_model("deepseek-v2.f32.gguf", &reference, "deepseek-v2");
 }
 
@@ -273,8 +278,11 @@ fn bad_files_are_clear_errors() {
 }
 
 /// Q8_0 files (the converter's own quantization; rows not divisible by 32 stay F16/F32): expert slabs
-/// are cut from the quantized bytes, so each must equal the same slab of the whole tensor dequantized,
-/// and the logits stay within 3e-2 of the spread of the checkpoint's (measured 1.5e-2 and 1.2e-2).
+/// are cut from the quantized bytes, so each must equal the same slab of the whole tensor dequantized.
+/// The quantized kernels also round activations to 8 bits (as llama.cpp does): per position, logits
+/// stay within 3e-2 of the spread of the checkpoint's (measured <= 2e-2), except where the small
+/// perturbation flips a MoE routing decision, which moves that position's logits as far as choosing
+/// another expert does (1 of 12 positions on deepseek-v3); at most a tenth of the positions may.
 #[test]
 fn q8_0_files_slice_quantized_experts_and_stay_close() {
     let path = gguf("deepseek-v3.q8_0.gguf");
@@ -304,17 +312,22 @@ fn q8_0_files_slice_quantized_experts_and_stay_close() {
         );
     }
     for (file, variant, budget) in [
-        ("deepseek-v3.q8_0.gguf", "deepseek-v3", 3e-2),
         ("qwen2.q8_0.gguf", "qwen2", 3e-2),
+        ("deepseek-v3.q8_0.gguf", "deepseek-v3", 3e-2),
     ] {
         let reference = load(&root().join("models").join(variant));
         let ids = prompt_ids(variant);
         let model = load(&gguf(file));
-        let err = relative_error(&logits(&model, &ids), &logits(&reference, &ids));
-        eprintln!("{file}: logits within {err:.1e} of their spread");
+        let (ours, theirs) = (logits(&model, &ids), logits(&reference, &ids));
+        let errors: Vec<f32> = (0..ids.len())
+            .map(|p| relative_error(&ours.get(p).unwrap(), &theirs.get(p).unwrap()))
+            .collect();
+        let outside = errors.iter().filter(|&&e| e >= budget).count();
+        eprintln!("{file}: per-position logit errors {errors:?}");
         assert!(
-            err < budget,
-            "{file}: logits differ by {err:e} of their spread"
+            outside * 10 <= ids.len(),
+            "{file}: {outside} of {} positions differ by more than {budget:e}: {errors:?}",
+            ids.len()
         );
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
-use tiefsee_model::{Logits, MlaPath, Model, Result};
+use tiefsee_model::{CacheFormat, Logits, MlaPath, Model, Result};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -56,8 +56,12 @@ fn golden(dir: &Path) -> (Golden, Tensor) {
     (golden, tensors["logits"].clone())
 }
 
+/// The model with an exact (f32) cache, as the oracle computes.
 fn load(dir: &Path) -> Model {
-    Model::load(dir, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+    let mut model =
+        Model::load(dir, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    model.set_cache_format(CacheFormat::F32).expect("f32 cache");
+    model
 }
 
 /// Largest absolute difference divided by the spread (max - min) of the reference.
@@ -75,7 +79,7 @@ fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
 }
 
 fn full_logits(model: &Model, ids: &[u32]) -> Result<Tensor> {
-    let mut cache = model.new_cache(None);
+    let mut cache = model.new_cache(None)?;
     model.forward(ids, &mut cache, Logits::All)
 }
 
@@ -100,7 +104,7 @@ fn greedy_continuations_match_transformers() -> Result<()> {
     for dir in variants() {
         let (golden, _) = golden(&dir);
         let model = load(&dir);
-        let mut cache = model.new_cache(None);
+        let mut cache = model.new_cache(None)?;
         let mut logits = model.forward(&golden.prompt_ids, &mut cache, Logits::Last)?;
         let mut generated = Vec::new();
         while generated.len() < golden.greedy_new_ids.len() {
@@ -121,7 +125,7 @@ fn cached_decoding_equals_one_full_pass() -> Result<()> {
         let ids = &golden.prompt_ids;
         let full = full_logits(&model, ids)?;
         // Prefill a few tokens, then feed the rest one by one.
-        let mut cache = model.new_cache(None);
+        let mut cache = model.new_cache(None)?;
         let mut rows = vec![model.forward(&ids[..5], &mut cache, Logits::All)?];
         for &id in &ids[5..] {
             rows.push(model.forward(&[id], &mut cache, Logits::All)?);
@@ -144,7 +148,7 @@ fn absorbed_mla_equals_naive_mla() -> Result<()> {
         let mut model = load(&dir);
         let ids = &golden.prompt_ids;
         let absorbed = full_logits(&model, ids)?;
-        let mut cache = model.new_cache(None);
+        let mut cache = model.new_cache(None)?;
         let absorbed_step = {
             model.forward(&ids[..ids.len() - 1], &mut cache, Logits::Last)?;
             model.forward(&ids[ids.len() - 1..], &mut cache, Logits::Last)?
@@ -154,7 +158,7 @@ fn absorbed_mla_equals_naive_mla() -> Result<()> {
             .expect("a DeepSeek model")
             .set_mla_path(MlaPath::Naive);
         let naive = full_logits(&model, ids)?;
-        let mut cache = model.new_cache(None);
+        let mut cache = model.new_cache(None)?;
         model.forward(&ids[..ids.len() - 1], &mut cache, Logits::Last)?;
         let naive_step = model.forward(&ids[ids.len() - 1..], &mut cache, Logits::Last)?;
         let err = relative_error(&absorbed, &naive);
@@ -175,14 +179,67 @@ fn absorbed_mla_equals_naive_mla() -> Result<()> {
 
 #[test]
 fn latent_cache_holds_only_the_latent() -> Result<()> {
-    let model = load(&fixture("deepseek-v3"));
-    let tiefsee_model::ModelConfig::DeepSeek(cfg) = model.config() else {
+    let mut model = load(&fixture("deepseek-v3"));
+    let tiefsee_model::ModelConfig::DeepSeek(cfg) = model.config().clone() else {
         panic!("deepseek-v3 is a DeepSeek config");
     };
-    let per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4;
-    assert_eq!(model.info().kv_bytes_per_token, per_token as u64);
-    let mut cache = model.new_cache(None);
-    model.forward(&[3, 4, 5, 6, 7], &mut cache, Logits::Last)?;
-    assert_eq!(cache.bytes(), 5 * per_token);
+    let values = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers;
+    let rows = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
+    let q8 = if rows % 32 == 0 {
+        Some(values + 4 * values / 32)
+    } else {
+        None
+    };
+    for (format, per_token) in [
+        (CacheFormat::F32, Some(4 * values)),
+        (CacheFormat::Bf16, Some(2 * values)),
+        (CacheFormat::Q8, q8),
+    ] {
+        let Some(per_token) = per_token else {
+            let err = model.set_cache_format(format).unwrap_err();
+            assert!(err.to_string().contains("blocks of 32"), "{err}");
+            continue;
+        };
+        model.set_cache_format(format)?;
+        assert_eq!(model.info().kv_bytes_per_token, per_token as u64);
+        let mut cache = model.new_cache(None)?;
+        model.forward(&[3, 4, 5, 6, 7], &mut cache, Logits::Last)?;
+        assert_eq!(cache.bytes(), 5 * per_token, "{format:?}");
+        // Memory is allocated ahead and stays flat while tokens arrive within it.
+        let allocated = cache.allocated_bytes();
+        for t in 0..50 {
+            model.forward(&[8 + t], &mut cache, Logits::Last)?;
+        }
+        assert_eq!(cache.allocated_bytes(), allocated, "{format:?}");
+    }
+    Ok(())
+}
+
+/// The default bf16 cache and the 8-bit one round what attention reads; per position, the logits stay
+/// close to the oracle's (f32 golden), except where the rounding flips a MoE routing decision, which
+/// moves that position as far as choosing another expert does: at most a tenth of the positions may.
+#[test]
+fn rounded_caches_stay_close_to_transformers() -> Result<()> {
+    for dir in variants() {
+        let (golden, expected) = golden(&dir);
+        let mut model = load(&dir);
+        for (format, budget) in [(CacheFormat::Bf16, 1e-2), (CacheFormat::Q8, 3e-2)] {
+            if model.set_cache_format(format).is_err() {
+                continue; // rows that are not whole q8 blocks (asserted above)
+            }
+            let logits = full_logits(&model, &golden.prompt_ids)?;
+            let positions = golden.prompt_ids.len();
+            let errors: Vec<f32> = (0..positions)
+                .map(|p| relative_error(&logits.get(p).unwrap(), &expected.get(p).unwrap()))
+                .collect();
+            let outside = errors.iter().filter(|&&e| e >= budget).count();
+            eprintln!("{}: {format:?} cache, errors {errors:?}", dir.display());
+            assert!(
+                outside * 10 <= positions,
+                "{}: {format:?} cache: {outside} of {positions} positions differ by more than {budget:e}",
+                dir.display()
+            );
+        }
+    }
     Ok(())
 }

@@ -1,12 +1,13 @@
-//! The inference model is also the training model: built from trainable variables, one backward
-//! pass reaches every parameter (composed norms, RoPE and routing weights; candle-nn's fused ops
-//! would pass no gradient), and the gradient agrees with finite differences.
+//! The inference model is also the training model: built from trainable variables and run as training
+//! runs it (naive MLA, no cache), one backward pass reaches every parameter (composed norms, RoPE and
+//! routing weights; candle-nn's fused ops would pass no gradient), and the gradient agrees with finite
+//! differences.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use tiefsee_model::{Checkpoint, Logits, Model, ModelConfig, Segment};
+use tiefsee_model::{Checkpoint, Logits, MlaPath, Model, ModelConfig, Segment, Uncached};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -51,23 +52,27 @@ fn model_of(config: &ModelConfig, vars: &HashMap<String, Var>, bias_from: &str) 
     {
         tensors.insert(name, t);
     }
-    Model::from_checkpoint(
+    let mut model = Model::from_checkpoint(
         config.clone(),
         &Checkpoint::from_tensors(tensors, &Device::Cpu),
     )
-    .unwrap()
+    .unwrap();
+    model
+        .as_deepseek_mut()
+        .unwrap()
+        .set_mla_path(MlaPath::Naive);
+    model
 }
 
 /// Mean next-token cross-entropy over `tokens`, as a differentiable scalar.
 fn loss(model: &Model, tokens: &[u32]) -> Tensor {
-    let mut cache = model.new_cache(None);
     let segment = Segment {
         tokens: &tokens[..tokens.len() - 1],
         start: 0,
         logits: Some(Logits::All),
     };
     let logits = model
-        .forward_batch(&[segment], &mut cache)
+        .forward_batch(&[segment], &mut Uncached)
         .unwrap()
         .remove(0)
         .unwrap();

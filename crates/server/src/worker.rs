@@ -70,7 +70,13 @@ fn run(
     metrics: Arc<Metrics>,
     mut submissions: mpsc::UnboundedReceiver<Submit>,
 ) {
-    let executor = PagedExecutor::new(&model, config.num_blocks, config.block_size);
+    let executor = match PagedExecutor::new(&model, config.num_blocks, config.block_size) {
+        Ok(executor) => executor,
+        Err(e) => {
+            tracing::error!("cache allocation: {e}");
+            return;
+        }
+    };
     let mut engine = match Engine::new(config, executor) {
         Ok(engine) => engine,
         Err(e) => {

@@ -93,6 +93,7 @@ fn greedy_reference(name: &str, user: &str, max_tokens: usize) -> String {
     };
     let mut ids = Vec::new();
     Session::new(&model, None)
+        .expect("a cache")
         .generate(&prompt, &options, &mut sampler, |t| {
             ids.push(t);
             std::ops::ControlFlow::Continue(())
@@ -593,7 +594,7 @@ async fn a_client_leaving_cancels_every_choice() {
 /// for the last `generated` positions: (generated, vocab).
 fn reference_logprobs(name: &str, ids: &[u32], generated: usize) -> Vec<Vec<f64>> {
     let model = Model::load(&fixture(name), &candle_core::Device::Cpu).unwrap();
-    let mut cache = model.new_cache(None);
+    let mut cache = model.new_cache(None).unwrap();
     let logits: Vec<Vec<f32>> = model
         .forward(ids, &mut cache, Logits::All)
         .unwrap()
@@ -660,6 +661,7 @@ async fn logprobs_are_the_models_log_softmax() {
             stop_ids: tokenizer.eos_ids().to_vec(),
         };
         Session::new(&model, None)
+            .expect("a cache")
             .generate(&prompt, &options, &mut sampler, |t| {
                 ids.push(t);
                 std::ops::ControlFlow::Continue(())

@@ -53,7 +53,8 @@ pub fn generate(
         max_running: n,
         max_waiting: n,
     };
-    let executor = PagedExecutor::new(model, config.num_blocks, config.block_size);
+    let executor = PagedExecutor::new(model, config.num_blocks, config.block_size)
+        .map_err(|e| TrainError::Generation(format!("cache: {e}")))?;
     let mut engine = Engine::new(config, executor)
         .map_err(|e| TrainError::Generation(format!("engine: {e}")))?;
     let mut index = HashMap::new();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use candle_core::{Device, Tensor};
-use tiefsee_model::{Logits, Model};
+use tiefsee_model::{CacheFormat, Logits, Model};
 use tiefsee_tokenizer::Tokenizer;
 use tiefsee_train::TrainError;
 use tiefsee_train::balance::sequence_balance_loss;
@@ -184,9 +184,11 @@ fn trained_checkpoint_gives_the_training_logits_through_the_inference_path() {
         .forward_train(&[&docs[0]], false)
         .unwrap()
         .logits;
-    // What `tiefsee run` does: load the folder from disk, absorbed attention, a growing cache.
-    let loaded = Model::load(&dir, &Device::Cpu).unwrap();
-    let mut cache = loaded.new_cache(None);
+    // What `tiefsee run` does: load the folder from disk, absorbed attention, a growing cache
+    // (f32 here, so that only the computation order differs).
+    let mut loaded = Model::load(&dir, &Device::Cpu).unwrap();
+    loaded.set_cache_format(CacheFormat::F32).unwrap();
+    let mut cache = loaded.new_cache(None).unwrap();
     let half = docs[0].len() / 2;
     let a = loaded
         .forward(&docs[0][..half], &mut cache, Logits::All)

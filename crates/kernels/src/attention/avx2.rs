@@ -21,6 +21,11 @@ pub(super) fn convert(pool: &RowPool, slots: &[usize], out: &mut [f32]) {
     let w = pool.width();
     let rows = slots.iter().zip(out.chunks_exact_mut(w));
     match pool.storage() {
+        Storage::F32(data) => {
+            for (&slot, dst) in rows {
+                dst.copy_from_slice(&data[slot * w..][..w]);
+            }
+        }
         Storage::Bf16(data) => {
             for (&slot, dst) in rows {
                 bf16_row(&data[slot * w..][..w], dst);
@@ -48,6 +53,7 @@ pub(super) fn prefetch(pool: &RowPool, slots: &[usize]) {
     };
     for &slot in slots {
         match pool.storage() {
+            Storage::F32(data) => lines(as_bytes(&data[slot * w..][..w])),
             Storage::Bf16(data) => lines(as_bytes(&data[slot * w..][..w])),
             Storage::Q8 { values, scales } => {
                 lines(as_bytes(&values[slot * w..][..w]));

@@ -1,5 +1,5 @@
-//! Cache rows in storage: one pool of fixed-width rows ("slots") per layer, in bf16 or in an 8-bit
-//! format like llama.cpp's Q8_0 (but with an f32 scale per block of 32 values, not an f16 one).
+//! Cache rows in storage: one pool of fixed-width rows ("slots") per layer, in f32 (exact), bf16, or
+//! an 8-bit format like llama.cpp's Q8_0 (but with an f32 scale per block of 32 values, not an f16 one).
 
 use half::bf16;
 
@@ -11,14 +11,43 @@ pub(super) const Q8_BLOCK: usize = 32;
 /// How the cache stores row values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheFormat {
+    /// f32, exact: the reference the others are measured against.
+    F32,
     /// bf16, rounded to nearest even on write.
     Bf16,
     /// int8 with one f32 scale per block of 32 values (absmax / 127), half the bytes of bf16.
     Q8,
 }
 
+impl CacheFormat {
+    /// A short lowercase name ("f32", "bf16", "q8").
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheFormat::F32 => "f32",
+            CacheFormat::Bf16 => "bf16",
+            CacheFormat::Q8 => "q8",
+        }
+    }
+
+    /// Bytes a row of `width` values takes, or `None` when this format cannot store such rows (q8
+    /// needs whole blocks of 32).
+    pub fn bytes_per_row(self, width: usize) -> Option<usize> {
+        match self {
+            CacheFormat::F32 => Some(4 * width),
+            CacheFormat::Bf16 => Some(2 * width),
+            CacheFormat::Q8 if width.is_multiple_of(Q8_BLOCK) => {
+                Some(width + 4 * (width / Q8_BLOCK))
+            }
+            CacheFormat::Q8 => None,
+        }
+    }
+}
+
 /// The stored values of every slot.
+#[derive(Clone)]
 pub(super) enum Storage {
+    /// (slots, width)
+    F32(Vec<f32>),
     /// (slots, width)
     Bf16(Vec<bf16>),
     /// values (slots, width), scales (slots, width / Q8_BLOCK)
@@ -26,10 +55,21 @@ pub(super) enum Storage {
 }
 
 /// A pool of fixed-width rows ("slots") in one [`CacheFormat`]: one per layer in the model.
+#[derive(Clone)]
 pub struct RowPool {
     slots: usize,
     width: usize,
     storage: Storage,
+}
+
+impl std::fmt::Debug for RowPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowPool")
+            .field("format", &self.format())
+            .field("slots", &self.slots)
+            .field("width", &self.width)
+            .finish()
+    }
 }
 
 impl RowPool {
@@ -39,6 +79,7 @@ impl RowPool {
             .checked_mul(width)
             .ok_or(AttentionError::PoolSize { slots, width })?;
         let storage = match format {
+            CacheFormat::F32 => Storage::F32(vec![0.0; values]),
             CacheFormat::Bf16 => Storage::Bf16(vec![bf16::ZERO; values]),
             CacheFormat::Q8 => {
                 if !width.is_multiple_of(Q8_BLOCK) {
@@ -63,6 +104,7 @@ impl RowPool {
     /// The format rows are stored in.
     pub fn format(&self) -> CacheFormat {
         match self.storage {
+            Storage::F32(_) => CacheFormat::F32,
             Storage::Bf16(_) => CacheFormat::Bf16,
             Storage::Q8 { .. } => CacheFormat::Q8,
         }
@@ -78,9 +120,10 @@ impl RowPool {
         self.width
     }
 
-    /// Exact storage per row in bytes (bf16: 2 * width; q8: width + 4 * width / 32).
+    /// Exact storage per row in bytes (f32: 4 * width; bf16: 2 * width; q8: width + 4 * width / 32).
     pub fn bytes_per_row(&self) -> usize {
         match self.storage {
+            Storage::F32(_) => 4 * self.width,
             Storage::Bf16(_) => 2 * self.width,
             Storage::Q8 { .. } => self.width + 4 * (self.width / Q8_BLOCK),
         }
@@ -96,6 +139,7 @@ impl RowPool {
         self.check(slot, row.len())?;
         let w = self.width;
         match &mut self.storage {
+            Storage::F32(data) => data[slot * w..][..w].copy_from_slice(row),
             Storage::Bf16(data) => {
                 for (dst, &x) in data[slot * w..][..w].iter_mut().zip(row) {
                     *dst = bf16::from_f32(x);
@@ -129,6 +173,7 @@ impl RowPool {
     pub(super) fn read_unchecked(&self, slot: usize, out: &mut [f32]) {
         let w = self.width;
         match &self.storage {
+            Storage::F32(data) => out.copy_from_slice(&data[slot * w..][..w]),
             Storage::Bf16(data) => {
                 for (dst, x) in out.iter_mut().zip(&data[slot * w..][..w]) {
                     *dst = x.to_f32();

@@ -7,12 +7,14 @@
 //! attention runs directly over the latent. Both give the same result; tests hold one to the other.
 
 use candle_core::Tensor;
+use tiefsee_kernels::QMatrix;
+use tiefsee_kernels::attention::RowLayout;
 
 use crate::Segment;
-use crate::cache::KvStore;
+use crate::cache::{AttentionQuery, KvStore};
 use crate::config::DeepSeekConfig;
 use crate::error::Result;
-use crate::nn::{Linear, RmsNorm, causal_mask, masked_softmax};
+use crate::nn::{Linear, LinearWeight, RmsNorm, causal_mask, masked_softmax, quantized_matmul};
 use crate::rope::{RopeStyle, RotaryEmbedding};
 use crate::weights::Weights;
 
@@ -42,6 +44,27 @@ enum QueryProjection {
     },
 }
 
+/// `kv_b_proj` (heads * (nope + v), kv_lora_rank), in the form each attention computation uses.
+#[derive(Debug, Clone)]
+enum LatentUp {
+    /// f32, with its halves split per head for the absorbed form.
+    Dense {
+        /// kv_lora_rank -> heads * (qk_nope_head_dim + v_head_dim), for the naive form.
+        kv_up: Linear,
+        /// (heads, qk_nope_head_dim, kv_lora_rank): the key half, folded into queries.
+        key_up: Tensor,
+        /// (heads, kv_lora_rank, v_head_dim): the value half, transposed, applied after attention.
+        value_up_t: Tensor,
+    },
+    /// llama.cpp's MLA pair kept in its block format, one matrix per head: `key[h]` (kv_lora_rank,
+    /// nope) maps a head's query to latent space, `value[h]` (v, kv_lora_rank) maps its attended
+    /// latent to values.
+    Quantized {
+        key: Vec<QMatrix>,
+        value: Vec<QMatrix>,
+    },
+}
+
 /// One MLA attention layer.
 #[derive(Debug, Clone)]
 pub struct Mla {
@@ -49,12 +72,8 @@ pub struct Mla {
     /// hidden -> kv_lora_rank + qk_rope_head_dim
     kv_down: Linear,
     kv_norm: RmsNorm,
-    /// kv_lora_rank -> heads * (qk_nope_head_dim + v_head_dim), for the naive form.
-    kv_up: Linear,
-    /// (heads, qk_nope_head_dim, kv_lora_rank): the key half of `kv_up`, folded into queries.
-    key_up: Tensor,
-    /// (heads, kv_lora_rank, v_head_dim): the value half of `kv_up`, transposed, applied after attention.
-    value_up_t: Tensor,
+    /// The up-projections out of the latent (`kv_b_proj`).
+    latent_up: LatentUp,
     out: Linear,
     rope: RotaryEmbedding,
     heads: usize,
@@ -86,21 +105,36 @@ impl Mla {
                 up: Linear::load(&w.pp("q_b_proj"), rank, heads * cfg.qk_head_dim(), false)?,
             },
         };
-        let kv_up = Linear::load(
-            &w.pp("kv_b_proj"),
-            kv_lora_rank,
-            heads * (nope_dim + v_dim),
-            false,
-        )?;
-        // (heads * (nope + v), rank) -> (heads, nope + v, rank)
-        let per_head = kv_up
-            .weight()
-            .reshape((heads, nope_dim + v_dim, kv_lora_rank))?;
-        let key_up = per_head.narrow(1, 0, nope_dim)?.contiguous()?;
-        let value_up_t = per_head
-            .narrow(1, nope_dim, v_dim)?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let kv_b_shape = [heads * (nope_dim + v_dim), kv_lora_rank];
+        let latent_up = match w.get_mla_pair("kv_b_proj.weight", &kv_b_shape)? {
+            Some((key, value)) => LatentUp::Quantized {
+                key: (0..heads)
+                    .map(|h| key.slice_rows(h * kv_lora_rank, kv_lora_rank))
+                    .collect::<std::result::Result<_, _>>()?,
+                value: (0..heads)
+                    .map(|h| value.slice_rows(h * v_dim, v_dim))
+                    .collect::<std::result::Result<_, _>>()?,
+            },
+            None => {
+                let kv_up = Linear::load(&w.pp("kv_b_proj"), kv_lora_rank, kv_b_shape[0], false)?;
+                // (heads * (nope + v), rank) -> (heads, nope + v, rank)
+                let per_head = kv_up.weight().to_dense(w.device())?.reshape((
+                    heads,
+                    nope_dim + v_dim,
+                    kv_lora_rank,
+                ))?;
+                let key_up = per_head.narrow(1, 0, nope_dim)?.contiguous()?;
+                let value_up_t = per_head
+                    .narrow(1, nope_dim, v_dim)?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                LatentUp::Dense {
+                    kv_up,
+                    key_up,
+                    value_up_t,
+                }
+            }
+        };
         Ok(Self {
             query,
             kv_down: Linear::load(
@@ -110,9 +144,7 @@ impl Mla {
                 bias,
             )?,
             kv_norm: RmsNorm::load(&w.pp("kv_a_layernorm"), kv_lora_rank, LATENT_NORM_EPS)?,
-            kv_up,
-            key_up,
-            value_up_t,
+            latent_up,
             out: Linear::load(&w.pp("o_proj"), heads * v_dim, hidden, bias)?,
             rope: RotaryEmbedding::new(
                 rope_dim,
@@ -183,67 +215,61 @@ impl Mla {
             .apply_at(&k_pe, &positions)?
             .reshape((tokens, self.rope_dim))?;
         let q_first = match path {
-            MlaPath::Absorbed => q_nope.matmul(&self.key_up)?, // (heads, tokens, kv_lora_rank)
+            MlaPath::Absorbed => self.absorb_query(&q_nope)?, // (heads, tokens, kv_lora_rank)
             MlaPath::Naive => q_nope,
         };
         let mut outputs = Vec::with_capacity(segments.len());
         let mut offset = 0;
         for (seq, segment) in segments.iter().enumerate() {
             let (n, start) = (segment.tokens.len(), segment.start);
-            // (t, kv_lora_rank), (t, rope) for all t = start + n positions of this sequence
-            let (seq_c_kv, seq_k_pe) = store.store(
-                seq,
-                layer,
-                start,
-                &c_kv.narrow(0, offset, n)?,
-                &k_pe.narrow(0, offset, n)?,
-            )?;
-            let q_first = q_first.narrow(1, offset, n)?.contiguous()?;
-            let q_pe = q_pe.narrow(1, offset, n)?.contiguous()?;
+            let q_first = q_first.narrow(1, offset, n)?;
+            let q_pe = q_pe.narrow(1, offset, n)?;
+            let new_c_kv = c_kv.narrow(0, offset, n)?;
+            let new_k_pe = k_pe.narrow(0, offset, n)?;
             outputs.push(match path {
                 MlaPath::Absorbed => {
-                    self.attend_latent(&q_first, &q_pe, &seq_c_kv, &seq_k_pe, start)?
+                    // Rows [c_kv | k_pe] and queries [q_latent | q_pe]: attention over the latent
+                    // cache itself, values being the latent part of each row.
+                    let rows = Tensor::cat(&[&new_c_kv, &new_k_pe], 1)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    let queries = Tensor::cat(&[&q_first, &q_pe], 2)?
+                        .transpose(0, 1)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    let query = AttentionQuery {
+                        layout: RowLayout::latent(self.kv_lora_rank, self.rope_dim),
+                        queries: &queries,
+                        heads: h,
+                        scale: self.softmax_scale as f32,
+                    };
+                    let out = store.attend(seq, layer, start, &rows, query)?;
+                    // (n, heads, kv_lora_rank) -> (heads, n, kv_lora_rank)
+                    Tensor::from_vec(out, (n, h, self.kv_lora_rank), x.device())?.transpose(0, 1)?
                 }
                 MlaPath::Naive => {
-                    self.attend_naive(&q_first, &q_pe, &seq_c_kv, &seq_k_pe, start)?
+                    // (t, kv_lora_rank), (t, rope) for all t = start + n positions of this sequence
+                    let (seq_c_kv, seq_k_pe) =
+                        store.store(seq, layer, start, &new_c_kv, &new_k_pe)?;
+                    self.attend_naive(
+                        &q_first.contiguous()?,
+                        &q_pe.contiguous()?,
+                        &seq_c_kv,
+                        &seq_k_pe,
+                        start,
+                    )?
                 }
             });
             offset += n;
         }
         let out = Tensor::cat(&outputs, 1)?;
         let out = match path {
-            MlaPath::Absorbed => out.matmul(&self.value_up_t)?, // (heads, tokens, v)
+            MlaPath::Absorbed => self.expand_values(&out)?, // (heads, tokens, v)
             MlaPath::Naive => out,
         };
         // (heads, tokens, v) -> (tokens, heads * v)
         let out = out.transpose(0, 1)?.reshape((tokens, h * self.v_dim))?;
         self.out.forward(&out)
-    }
-
-    /// Absorbed attention of one sequence: latent queries (heads, n, kv_lora_rank) and RoPE
-    /// queries (heads, n, rope) at positions `start ..` over its latent (t, kv_lora_rank) and RoPE
-    /// keys (t, rope) -> attended latent (heads, n, kv_lora_rank).
-    fn attend_latent(
-        &self,
-        q_latent: &Tensor,
-        q_pe: &Tensor,
-        c_kv: &Tensor,
-        k_pe: &Tensor,
-        start: usize,
-    ) -> Result<Tensor> {
-        let (h, n) = (self.heads, q_latent.dim(1)?);
-        let t = c_kv.dim(0)?;
-        let scores = q_latent
-            .reshape((h * n, self.kv_lora_rank))?
-            .matmul(&c_kv.t()?)?
-            .add(&q_pe.reshape((h * n, self.rope_dim))?.matmul(&k_pe.t()?)?)?
-            .reshape((h, n, t))?;
-        let mask = self.mask(start, n, c_kv)?;
-        let probs = masked_softmax(&scores, self.softmax_scale, mask.as_ref())?;
-        Ok(probs
-            .reshape((h * n, t))?
-            .matmul(c_kv)?
-            .reshape((h, n, self.kv_lora_rank))?)
     }
 
     /// Naive attention of one sequence: per-head keys and values expanded from its latent
@@ -260,8 +286,7 @@ impl Mla {
         let t = c_kv.dim(0)?;
         // (t, heads * (nope + v)) -> (heads, t, nope + v)
         let kv = self
-            .kv_up
-            .forward(c_kv)?
+            .naive_kv_up(c_kv)?
             .reshape((t, h, self.nope_dim + self.v_dim))?
             .transpose(0, 1)?;
         let k_nope = kv.narrow(2, 0, self.nope_dim)?;
@@ -274,6 +299,44 @@ impl Mla {
         Ok(masked_softmax(&scores, self.softmax_scale, mask.as_ref())?.matmul(&v)?)
     }
 
+    /// Folds the key up-projection into the queries: (heads, tokens, nope) -> (heads, tokens, rank).
+    fn absorb_query(&self, q_nope: &Tensor) -> Result<Tensor> {
+        match &self.latent_up {
+            LatentUp::Dense { key_up, .. } => Ok(q_nope.matmul(key_up)?),
+            LatentUp::Quantized { key, .. } => per_head(key, q_nope),
+        }
+    }
+
+    /// Applies the value up-projection after attention: (heads, tokens, rank) -> (heads, tokens, v).
+    fn expand_values(&self, attended: &Tensor) -> Result<Tensor> {
+        match &self.latent_up {
+            LatentUp::Dense { value_up_t, .. } => Ok(attended.matmul(value_up_t)?),
+            LatentUp::Quantized { value, .. } => per_head(value, attended),
+        }
+    }
+
+    /// Per-head keys and values (t, heads * (nope + v)) of latent rows (t, rank), for the naive form.
+    fn naive_kv_up(&self, c_kv: &Tensor) -> Result<Tensor> {
+        match &self.latent_up {
+            LatentUp::Dense { kv_up, .. } => kv_up.forward(c_kv),
+            LatentUp::Quantized { key, value } => {
+                // The reference form on a quantized file: rebuild kv_b_proj's rows head by head.
+                let device = c_kv.device();
+                let mut rows = Vec::with_capacity(2 * key.len());
+                for (k, v) in key.iter().zip(value) {
+                    rows.push(
+                        LinearWeight::Quantized(k.clone())
+                            .to_dense(device)?
+                            .t()?
+                            .contiguous()?,
+                    );
+                    rows.push(LinearWeight::Quantized(v.clone()).to_dense(device)?);
+                }
+                Ok(c_kv.matmul(&Tensor::cat(&rows, 0)?.t()?)?)
+            }
+        }
+    }
+
     /// The causal mask of `n` queries at positions `start ..`; none for a single query.
     fn mask(&self, start: usize, n: usize, like: &Tensor) -> Result<Option<Tensor>> {
         Ok(if n > 1 {
@@ -282,6 +345,17 @@ impl Mla {
             None
         })
     }
+}
+
+/// `x[h]` (tokens, in) through `matrices[h]` (out, in) for every head: (heads, tokens, in) ->
+/// (heads, tokens, out).
+fn per_head(matrices: &[QMatrix], x: &Tensor) -> Result<Tensor> {
+    let outputs = matrices
+        .iter()
+        .enumerate()
+        .map(|(h, m)| quantized_matmul(m, &x.get(h)?.contiguous()?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&outputs, 0)?)
 }
 
 /// Cache elements per token of MLA (latent plus RoPE key) and of the multi-head attention it replaces.

@@ -9,11 +9,11 @@ pub mod moe;
 
 use candle_core::Tensor;
 
-use crate::cache::{Cache, KvStore, Uncached};
+use crate::cache::{KvStore, Uncached};
 use crate::config::{DeepSeekConfig, FfnKind};
 use crate::error::ModelError;
 use crate::error::Result;
-use crate::nn::{Linear, Mlp, RmsNorm};
+use crate::nn::{Embedding, Linear, Mlp, RmsNorm};
 use crate::weights::Weights;
 use crate::{Logits, Segment};
 use mla::{Mla, MlaPath};
@@ -93,7 +93,7 @@ impl Block {
 #[derive(Debug, Clone)]
 pub struct MtpLayer {
     /// (vocab, hidden) embedding of the token k ahead.
-    pub embed: Tensor,
+    pub embed: Embedding,
     /// Normalizes the next token's embedding.
     pub enorm: RmsNorm,
     /// Normalizes the previous depth's hidden state.
@@ -126,7 +126,7 @@ pub struct TrainOutput {
 pub struct DeepSeek {
     cfg: DeepSeekConfig,
     /// (vocab, hidden)
-    embed: Tensor,
+    embed: Embedding,
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -139,12 +139,12 @@ impl DeepSeek {
     pub fn load(w: &Weights, cfg: &DeepSeekConfig) -> Result<Self> {
         let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
         let model = w.pp("model");
-        let embed = model.get("embed_tokens.weight", &[vocab, hidden])?;
+        let embed = Embedding::load(&model.pp("embed_tokens"), vocab, hidden)?;
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| Block::load(&model.pp(format!("layers.{i}")), cfg, cfg.ffn_kind(i)))
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::from_weight(embed.clone())
+            embed.as_linear()
         } else {
             Linear::load(&w.pp("lm_head"), hidden, vocab, false)?
         };
@@ -162,7 +162,7 @@ impl DeepSeek {
                 let l = model.pp(format!("layers.{}", cfg.num_hidden_layers + k));
                 Ok(MtpLayer {
                     embed: if l.contains("embed_tokens.weight") {
-                        l.get("embed_tokens.weight", &[vocab, hidden])?
+                        Embedding::load(&l.pp("embed_tokens"), vocab, hidden)?
                     } else {
                         embed.clone()
                     },
@@ -205,11 +205,6 @@ impl DeepSeek {
         self.path = path;
     }
 
-    /// An empty latent cache for up to `context` tokens.
-    pub fn new_cache(&self, context: usize) -> Cache {
-        Cache::new(self.blocks.len(), context)
-    }
-
     /// Widths of the two cached rows per token and layer: latent and RoPE key.
     pub fn cache_row_widths(&self) -> (usize, usize) {
         (self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim)
@@ -227,7 +222,7 @@ impl DeepSeek {
         segments: &[Segment],
         store: &mut dyn KvStore,
     ) -> Result<Tensor> {
-        let mut x = self.embed.index_select(tokens, 0)?;
+        let mut x = self.embed.forward(tokens)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x, segments, layer, store, self.path)?.0;
         }
@@ -238,7 +233,7 @@ impl DeepSeek {
     /// position, each MTP depth's logits (when `with_mtp`), and every MoE layer's routing. All
     /// differentiable.
     pub fn forward_train(&self, sequences: &[&[u32]], with_mtp: bool) -> Result<TrainOutput> {
-        let device = self.embed.device();
+        let device = &self.embed.device().clone();
         let ids: Vec<u32> = sequences.iter().flat_map(|s| s.iter().copied()).collect();
         if sequences.iter().any(|s| s.is_empty()) || ids.is_empty() {
             return Err(ModelError::EmptyInput);
@@ -250,9 +245,7 @@ impl DeepSeek {
             });
         }
         let segments = whole_sequences(sequences);
-        let mut x = self
-            .embed
-            .index_select(&Tensor::new(ids.as_slice(), device)?, 0)?;
+        let mut x = self.embed.forward(&Tensor::new(ids.as_slice(), device)?)?;
         let mut routing = Vec::new();
         for (layer, block) in self.blocks.iter().enumerate() {
             let (y, trace) = block.forward(&x, &segments, layer, &mut Uncached, MlaPath::Naive)?;
@@ -285,9 +278,7 @@ impl DeepSeek {
                 break;
             }
             let h = previous.index_select(&Tensor::new(keep.as_slice(), device)?, 0)?;
-            let e = mtp
-                .embed
-                .index_select(&Tensor::new(ahead.as_slice(), device)?, 0)?;
+            let e = mtp.embed.forward(&Tensor::new(ahead.as_slice(), device)?)?;
             let x = mtp.eh_proj.forward(&Tensor::cat(
                 &[mtp.enorm.forward(&e)?, mtp.hnorm.forward(&h)?],
                 1,

@@ -9,13 +9,14 @@
 //! - llama permutes the rows of `q_proj` / `k_proj` (weights and biases) within each head from
 //!   half-split RoPE pairs `(i, i + d/2)` to adjacent pairs `(2i, 2i + 1)`, for ggml's RoPE.
 //!
-//! A [`Source`] names GGUF tensors and what to do with them, not values: today [`GgufTensors::get`]
-//! dequantizes to f32; a quantized path can take the same sources and keep the blocks.
+//! A [`Source`] names GGUF tensors and what to do with them, not values: [`GgufTensors::get`]
+//! dequantizes to f32, [`GgufTensors::get_quantized`] keeps the blocks in place in the memory map.
 
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 use tiefsee_gguf::{GgufFile, TensorInfo};
+use tiefsee_kernels::{QMatrix, WeightBytes};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::config::GgufArch;
@@ -298,25 +299,11 @@ impl GgufTensors {
 
     /// The tensor `name` as f32 with its checkpoint shape, checked against `shape`.
     pub fn get(&self, name: &str, shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
-        let Some(entry) = self.entries.get(name) else {
+        let Some(entry) = self.checked_entry(name, shape)? else {
             return Ok(None);
         };
         let infos = self.file.tensor_infos();
         let gguf_name = |i: usize| infos[i].name().to_owned();
-        if entry.shape != shape {
-            let described = match &entry.source {
-                Source::KvB { k_b, v_b } => format!("{} + {}", gguf_name(*k_b), gguf_name(*v_b)),
-                Source::Plain { tensor }
-                | Source::Expert { tensor, .. }
-                | Source::Unpermute { tensor, .. } => gguf_name(*tensor),
-            };
-            return Err(ModelError::ShapeMismatch {
-                name: format!("{described} (as {name})"),
-                file: self.file.path().to_path_buf(),
-                expected: shape.to_vec(),
-                found: entry.shape.clone(),
-            });
-        }
         let tensor = match entry.source {
             Source::Plain { tensor } => self.dequantize(tensor, None, device)?,
             Source::Expert { tensor, index } => self.dequantize(tensor, Some(index), device)?,
@@ -349,6 +336,122 @@ impl GgufTensors {
             }
         };
         Ok(Some(tensor))
+    }
+
+    /// The entry of `name`, checked against `shape`; `None` when the file lacks it.
+    fn checked_entry(&self, name: &str, shape: &[usize]) -> Result<Option<&Entry>> {
+        let Some(entry) = self.entries.get(name) else {
+            return Ok(None);
+        };
+        if entry.shape != shape {
+            let infos = self.file.tensor_infos();
+            let gguf_name = |i: usize| infos[i].name().to_owned();
+            let described = match &entry.source {
+                Source::KvB { k_b, v_b } => format!("{} + {}", gguf_name(*k_b), gguf_name(*v_b)),
+                Source::Plain { tensor }
+                | Source::Expert { tensor, .. }
+                | Source::Unpermute { tensor, .. } => gguf_name(*tensor),
+            };
+            return Err(ModelError::ShapeMismatch {
+                name: format!("{described} (as {name})"),
+                file: self.file.path().to_path_buf(),
+                expected: shape.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        Ok(Some(entry))
+    }
+
+    /// The 2-D tensor `name` as a quantized matrix over the file's own bytes, when it is stored in a
+    /// block format the kernels multiply; `None` for other formats (load those with [`Self::get`]),
+    /// for `kv_b_proj` rebuilt from the MLA pair (see [`Self::get_mla_pair`]) and absent names.
+    pub fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QMatrix>> {
+        let Some(entry) = self.checked_entry(name, shape)? else {
+            return Ok(None);
+        };
+        let &[rows, cols] = shape else {
+            return Ok(None);
+        };
+        let infos = self.file.tensor_infos();
+        let (tensor, slab) = match entry.source {
+            Source::Plain { tensor } | Source::Unpermute { tensor, .. } => (tensor, None),
+            Source::Expert { tensor, index } => (tensor, Some(index)),
+            Source::KvB { .. } => return Ok(None),
+        };
+        let info = &infos[tensor];
+        if !QMatrix::supports(info.ggml_type()) {
+            return Ok(None);
+        }
+        // Rows are whole blocks (the reader checked the tensor), so a slab is a byte range.
+        let Some(bytes) = info.ggml_type().bytes_for(rows * cols) else {
+            return Ok(None);
+        };
+        let start = info.file_offset() + slab.unwrap_or(0) * bytes;
+        let data = match entry.source {
+            Source::Unpermute { heads, .. } => {
+                // llama.cpp's rows per head are (d/2, 2) of the original (2, d/2): copy them back in
+                // the original order, each row being whole blocks.
+                if heads == 0 || !rows.is_multiple_of(2 * heads) {
+                    return Err(ModelError::ShapeMismatch {
+                        name: format!(
+                            "{} (as {name}): rows not divisible into {heads} heads of pairs",
+                            info.name()
+                        ),
+                        file: self.file.path().to_path_buf(),
+                        expected: shape.to_vec(),
+                        found: entry.shape.clone(),
+                    });
+                }
+                let map = self.file.shared_map();
+                let row_bytes = bytes / rows;
+                let half = rows / heads / 2;
+                let mut out = Vec::with_capacity(bytes);
+                for head in 0..heads {
+                    for pair in 0..2 {
+                        for i in 0..half {
+                            let stored = head * 2 * half + 2 * i + pair;
+                            let at = start + stored * row_bytes;
+                            out.extend_from_slice(&map[at..at + row_bytes]);
+                        }
+                    }
+                }
+                WeightBytes::from_vec(out)
+            }
+            _ => WeightBytes::new(self.file.shared_map(), start..start + bytes)?,
+        };
+        Ok(Some(QMatrix::new(info.ggml_type(), rows, cols, data)?))
+    }
+
+    /// For a `kv_b_proj` stored as llama.cpp's MLA pair in a block format the kernels multiply: the
+    /// key half `attn_k_b` as a (heads * kv_lora_rank, nope) matrix and the value half `attn_v_b` as a
+    /// (heads * v, kv_lora_rank) matrix, each head's rows contiguous. `None` otherwise.
+    pub fn get_mla_pair(&self, name: &str, shape: &[usize]) -> Result<Option<(QMatrix, QMatrix)>> {
+        let Some(entry) = self.checked_entry(name, shape)? else {
+            return Ok(None);
+        };
+        let Source::KvB { k_b, v_b } = entry.source else {
+            return Ok(None);
+        };
+        let infos = self.file.tensor_infos();
+        let matrix = |tensor: usize| -> Result<Option<QMatrix>> {
+            let info = &infos[tensor];
+            let dims = info.shape();
+            if !QMatrix::supports(info.ggml_type()) || dims.len() != 3 {
+                return Ok(None);
+            }
+            let start = info.file_offset();
+            let data = WeightBytes::new(self.file.shared_map(), start..start + info.n_bytes())?;
+            Ok(Some(QMatrix::new(
+                info.ggml_type(),
+                dims[0] * dims[1],
+                dims[2],
+                data,
+            )?))
+        };
+        Ok(match (matrix(k_b)?, matrix(v_b)?) {
+            (Some(k), Some(v)) => Some((k, v)),
+            _ => None,
+        })
     }
 
     /// A stored tensor (or slab `index` of a stacked one) as f32, in its row-major shape.
