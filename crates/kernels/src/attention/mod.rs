@@ -5,13 +5,17 @@
 //! the whole row and reads the first 512 values back (DeepSeek-V3 `inference/model.py`, `absorb`
 //! path); grouped-query attention caches `[k of each group | v of each group]`.
 //!
-//! The kernel follows FlashAttention (Dao et al., 2022): keys are taken in blocks of [`BLOCK`] rows,
+//! The kernel follows FlashAttention (Dao et al., 2022): keys are taken in blocks of 32 rows,
 //! converted to f32 once and used by every query head that shares them while they are hot in cache;
 //! a block's scores go through an online softmax that rescales the output accumulators once per
 //! block. Work is split between rayon's threads over query rows and, when there are few of them (the
 //! decode step), over ranges of keys whose partial softmax results are merged at the end
-//! (flash-decoding, Dao et al., 2023). Each block step has a scalar reference ([`scalar`]) and an
-//! AVX2+FMA version ([`avx2`]) chosen once through [`crate::cpu::isa`].
+//! (flash-decoding, Dao et al., 2023). Each block step has a scalar reference (`scalar.rs`) and an
+//! AVX2+FMA version (`avx2.rs`) chosen once through [`crate::cpu::isa`].
+//!
+//! Departures: rows are converted whole (both layouts read all of a row anyway), queries are
+//! pre-multiplied by the softmax scale, GQA prefill is split over query rows only (not heads), and
+//! layouts whose key or value width is not a multiple of 8 run the scalar steps.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
