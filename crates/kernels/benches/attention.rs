@@ -72,7 +72,7 @@ fn bench(case: &Case, format: CacheFormat, rng: &mut Rng) {
     let flops = 2.0 * (seen * case.heads * (kw + vw)) as f64;
     let bytes = (case.keys * pool.bytes_per_row()) as f64;
     println!(
-        "{:<34} {:>5} {:>9.3} ms {:>8.1} GFLOP/s {:>7.1} GB/s",
+        "{:<34} {:>5} {:>9.3} ms {:>8.1} GFLOP/s {:>7.2} GB/s",
         case.name,
         format!("{format:?}").to_lowercase(),
         best * 1e3,

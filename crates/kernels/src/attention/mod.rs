@@ -5,13 +5,17 @@
 //! the whole row and reads the first 512 values back (DeepSeek-V3 `inference/model.py`, `absorb`
 //! path); grouped-query attention caches `[k of each group | v of each group]`.
 //!
-//! The kernel follows FlashAttention (Dao et al., 2022): keys are taken in blocks of [`BLOCK`] rows,
+//! The kernel follows FlashAttention (Dao et al., 2022): keys are taken in blocks of 32 rows,
 //! converted to f32 once and used by every query head that shares them while they are hot in cache;
 //! a block's scores go through an online softmax that rescales the output accumulators once per
 //! block. Work is split between rayon's threads over query rows and, when there are few of them (the
 //! decode step), over ranges of keys whose partial softmax results are merged at the end
-//! (flash-decoding, Dao et al., 2023). Each block step has a scalar reference ([`scalar`]) and an
-//! AVX2+FMA version ([`avx2`]) chosen once through [`crate::cpu::isa`].
+//! (flash-decoding, Dao et al., 2023). Each block step has a scalar reference (`scalar.rs`) and an
+//! AVX2+FMA version (`avx2.rs`) chosen once through [`crate::cpu::isa`].
+//!
+//! Departures: rows are converted whole (both layouts read all of a row anyway), queries are
+//! pre-multiplied by the softmax scale, GQA prefill is split over query rows only (not heads), and
+//! layouts whose key or value width is not a multiple of 8 run the scalar steps.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -298,8 +302,6 @@ impl Plan {
 /// Softmax state of one task's queries after its keys: running max, sum of weights, and the
 /// weighted sum of values, not yet divided by the sum.
 struct Partial {
-    /// Query rows in the task.
-    rows: usize,
     /// (kv_heads, rows, group)
     max: Vec<f32>,
     /// (kv_heads, rows, group)
@@ -308,48 +310,43 @@ struct Partial {
     acc: Vec<f32>,
 }
 
-/// Runs the tasks of `plan` on rayon's pool and merges their results into `out` (n, heads, value_width).
+/// Runs the tasks of `plan` on rayon's pool, merging each row tile's results into its rows of `out`
+/// (n, heads, value_width) as soon as its key chunks are done.
 fn run(kernel: Kernel, p: &Problem, plan: Plan, out: &mut [f32]) {
     let keys = p.start + p.n;
     let chunks = keys.div_ceil(plan.chunk);
-    let tasks: Vec<(Range<usize>, Range<usize>)> = (0..p.n)
-        .step_by(plan.row_tile)
-        .flat_map(|r0| {
-            let rows = r0..(r0 + plan.row_tile).min(p.n);
-            (0..chunks).map(move |c| {
-                let keys = c * plan.chunk..((c + 1) * plan.chunk).min(keys);
-                (rows.clone(), keys)
-            })
-        })
-        .collect();
-    let partials: Vec<Partial> = tasks
-        .into_par_iter()
-        .map(|(rows, keys)| run_task(kernel, p, rows, keys))
-        .collect();
-
-    let (heads, group, vw) = (p.heads, p.group(), p.layout.value_width);
-    out.par_chunks_mut(heads * vw)
+    let (group, vw) = (p.group(), p.layout.value_width);
+    out.par_chunks_mut(plan.row_tile * p.heads * vw)
         .enumerate()
-        .for_each(|(i, out_row)| {
-            let parts = &partials[i / plan.row_tile * chunks..][..chunks];
-            let r = i % plan.row_tile;
-            for (h, dst) in out_row.chunks_exact_mut(vw).enumerate() {
-                let index = |part: &Partial| (h / group * part.rows + r) * group + h % group;
-                merge(parts, index, vw, dst);
+        .for_each(|(tile, out)| {
+            let r0 = tile * plan.row_tile;
+            let rows = r0..(r0 + plan.row_tile).min(p.n);
+            let parts: Vec<Partial> = (0..chunks)
+                .into_par_iter()
+                .map(|c| {
+                    let keys = c * plan.chunk..((c + 1) * plan.chunk).min(keys);
+                    run_task(kernel, p, rows.clone(), keys)
+                })
+                .collect();
+            for (r, out_row) in out.chunks_exact_mut(p.heads * vw).enumerate() {
+                for (h, dst) in out_row.chunks_exact_mut(vw).enumerate() {
+                    // the (kv_heads, rows, group) order of `Partial`
+                    let q = (h / group * rows.len() + r) * group + h % group;
+                    merge(&parts, q, vw, dst);
+                }
             }
         });
 }
 
 /// Combines the partial softmax results of one query head over disjoint key ranges into its output.
-fn merge(parts: &[Partial], index: impl Fn(&Partial) -> usize, vw: usize, dst: &mut [f32]) {
+fn merge(parts: &[Partial], q: usize, vw: usize, dst: &mut [f32]) {
     let max = parts
         .iter()
-        .map(|part| part.max[index(part)])
+        .map(|part| part.max[q])
         .fold(f32::NEG_INFINITY, f32::max);
     dst.fill(0.0);
     let mut sum = 0.0;
     for part in parts {
-        let q = index(part);
         if part.sum[q] == 0.0 {
             continue;
         }
@@ -415,12 +412,7 @@ fn run_task(kernel: Kernel, p: &Problem, rows: Range<usize>, keys: Range<usize>)
             kernel.accumulate(&weights, &alpha, block, layout.value_offset_of(g), acc);
         }
     }
-    Partial {
-        rows: rows.len(),
-        max,
-        sum,
-        acc,
-    }
+    Partial { max, sum, acc }
 }
 
 /// A block of cache rows converted to f32: (count, width).
