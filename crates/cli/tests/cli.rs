@@ -67,6 +67,8 @@ fn perplexity_json_matches_transformers() {
             "--file",
             file.path().to_str().unwrap(),
             "--json",
+            "--cache-type",
+            "f32",
         ]);
         assert!(out.status.success(), "{name}: {}", stderr(&out));
         let got: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
@@ -107,26 +109,30 @@ fn strided_perplexity_scores_every_token_once() {
 
 #[test]
 fn info_json_reports_latent_cache_and_parameters() {
-    let out = tiefsee(&[
-        "info",
-        "--model",
-        fixture("deepseek-v3").to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let info: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     let config: Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("deepseek-v3").join("config.json")).unwrap(),
     )
     .unwrap();
-    let per_token = (config["kv_lora_rank"].as_u64().unwrap()
+    let values = (config["kv_lora_rank"].as_u64().unwrap()
         + config["qk_rope_head_dim"].as_u64().unwrap())
-        * config["num_hidden_layers"].as_u64().unwrap()
-        * 4;
-    assert_eq!(info["kv_bytes_per_token"].as_u64().unwrap(), per_token);
-    assert_eq!(info["architecture"], "DeepseekV3ForCausalLM");
-    assert!(info["active_params"].as_u64().unwrap() < info["total_params"].as_u64().unwrap());
-    assert!(info["mtp_params"].as_u64().unwrap() > 0);
+        * config["num_hidden_layers"].as_u64().unwrap();
+    // bf16 by default, f32 on request: 2 or 4 bytes per latent value, nothing per head.
+    for (flags, dtype, per_token) in [
+        (&[][..], "bf16", 2 * values),
+        (&["--cache-type", "f32"][..], "f32", 4 * values),
+    ] {
+        let model = fixture("deepseek-v3");
+        let mut args = vec!["info", "--model", model.to_str().unwrap(), "--json"];
+        args.extend_from_slice(flags);
+        let out = tiefsee(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let info: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        assert_eq!(info["kv_bytes_per_token"].as_u64().unwrap(), per_token);
+        assert_eq!(info["cache_dtype"], dtype);
+        assert_eq!(info["architecture"], "DeepseekV3ForCausalLM");
+        assert!(info["active_params"].as_u64().unwrap() < info["total_params"].as_u64().unwrap());
+        assert!(info["mtp_params"].as_u64().unwrap() > 0);
+    }
 }
 
 #[test]

@@ -76,6 +76,8 @@ fn perplexity_of_gguf_matches_transformers() {
             "--file",
             text.path().to_str().unwrap(),
             "--json",
+            "--cache-type",
+            "f32",
         ]);
         assert!(out.status.success(), "{file}: {}", stderr(&out));
         let got: Value = serde_json::from_slice(&out.stdout).unwrap();

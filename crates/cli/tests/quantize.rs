@@ -205,10 +205,12 @@ fn all_logits(path: &Path, ids: &[u32]) -> Tensor {
 #[test]
 fn written_files_give_the_checkpoints_logits() {
     let tmp = tempfile::tempdir().unwrap();
-    // Error budgets, as a fraction of the spread of the checkpoint's logits: float types are exact up to
-    // f16 rounding (measured <= 3e-7); Q8_0 measured up to 1.5e-2 on these random-weight fixtures, and
-    // Q4_K_M (mostly Q5_0 here: the fixtures' rows are not whole 256-blocks) up to 2.1e-1, about the
-    // 16x of four fewer bits.
+    // Error budgets per position, as a fraction of the spread of the checkpoint's logits: float types
+    // are exact up to f16 rounding (measured <= 3e-7); Q8_0 measured up to 2e-2 on these random-weight
+    // fixtures, and Q4_K_M (mostly Q5_0 here: the fixtures' rows are not whole 256-blocks) up to 2.1e-1,
+    // about the 16x of four fewer bits. Quantized kernels also round activations to 8 bits, as
+    // llama.cpp does; where that flips a MoE routing decision, the position moves as far as choosing
+    // another expert does, so a tenth of the positions may exceed a quantized type's budget.
     let budget = |ty: &str| match ty {
         "f32" | "f16" => 1e-4,
         "q8_0" => 3e-2,
@@ -228,11 +230,22 @@ fn written_files_give_the_checkpoints_logits() {
         let reference = all_logits(&model_dir(variant), &ids);
         for ty in ["f32", "f16", "q8_0", "q4_k_m"] {
             let path = quantize(variant, ty, tmp.path());
-            let err = relative_error(&all_logits(&path, &ids), &reference);
-            eprintln!("{variant} {ty}: logits within {err:.1e} of their spread");
+            let logits = all_logits(&path, &ids);
+            let errors: Vec<f32> = (0..ids.len())
+                .map(|p| relative_error(&logits.get(p).unwrap(), &reference.get(p).unwrap()))
+                .collect();
+            let outside = errors.iter().filter(|&&e| e >= budget(ty)).count();
+            let allowed = if ty.starts_with('f') {
+                0
+            } else {
+                ids.len() / 10
+            };
+            eprintln!("{variant} {ty}: per-position errors {errors:?}");
             assert!(
-                err < budget(ty),
-                "{variant} {ty}: logits differ by {err:e} of their spread"
+                outside <= allowed,
+                "{variant} {ty}: {outside} of {} positions differ by more than {:e}: {errors:?}",
+                ids.len(),
+                budget(ty)
             );
         }
     }
