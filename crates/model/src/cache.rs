@@ -29,7 +29,7 @@ pub struct AttentionQuery<'a> {
 }
 
 /// What the forward pass needs from a cache.
-pub trait KvStore {
+pub trait KvStore: Send {
     /// Stores the rows (tokens, width_a) and (tokens, width_b) of sequence `seq` for `layer`, at
     /// positions `start ..`, and returns all of that sequence's rows `0 .. start + tokens` as f32
     /// (as stored: rounded to the cache's format). The reference path; training differentiates it.

@@ -236,6 +236,16 @@ impl Model {
         segments: &[Segment],
         store: &mut dyn KvStore,
     ) -> Result<Vec<Option<Tensor>>> {
+        // The pass runs on a thread of rayon's pool, so that the kernels' parallel loops start and
+        // end there: no hand-over to the pool and back (a futex round trip) for every product.
+        rayon::scope(|_| self.forward_batch_in_pool(segments, store))
+    }
+
+    fn forward_batch_in_pool(
+        &self,
+        segments: &[Segment],
+        store: &mut dyn KvStore,
+    ) -> Result<Vec<Option<Tensor>>> {
         let vocab_size = self.config.vocab_size();
         let mut ids = Vec::new();
         for segment in segments {
