@@ -136,6 +136,8 @@ pub struct QMatrix {
 
 /// Smallest share of weight bytes worth handing to another thread.
 const MIN_TASK_BYTES: usize = 32 * 1024;
+/// Columns per pass in a prefill: 8 tokens' quantized activations for them take 16 KiB of L1.
+const K_CHUNK: usize = 2048;
 /// Largest row tile in a prefill: it should stay in L2 while every token group passes over it.
 const MAX_TILE_BYTES: usize = 128 * 1024;
 
@@ -275,25 +277,38 @@ impl QMatrix {
         let mut acts = SCRATCH.take();
         acts.quantize(self.format.activations(), x, self.cols);
         let max_group = self.format.max_group();
-        let rows_per_task = self.rows_per_task(tokens);
+        // A prefill goes over the columns in chunks, so one token group's activations stay in L1.
+        let chunk = if tokens > max_group {
+            K_CHUNK.min(self.cols)
+        } else {
+            self.cols
+        };
+        let rows_per_task = self.rows_per_task(tokens, chunk);
         let n_tasks = self.rows.div_ceil(rows_per_task);
         let out = OutPtr(out.as_mut_ptr());
         let task = |task: usize| {
             let rows = task * rows_per_task..((task + 1) * rows_per_task).min(self.rows);
-            for first in (0..tokens).step_by(max_group) {
-                let group = first..(first + max_group).min(tokens);
-                // SAFETY: this task alone writes the outputs of `rows` (tasks split the rows), and
-                // `out` has tokens * self.rows values (checked above).
-                unsafe {
-                    match group.len() {
-                        1 => self.tile::<1>(isa, rows.clone(), &acts, first, &out),
-                        2 => self.tile::<2>(isa, rows.clone(), &acts, first, &out),
-                        3 => self.tile::<3>(isa, rows.clone(), &acts, first, &out),
-                        4 => self.tile::<4>(isa, rows.clone(), &acts, first, &out),
-                        5 => self.tile::<5>(isa, rows.clone(), &acts, first, &out),
-                        6 => self.tile::<6>(isa, rows.clone(), &acts, first, &out),
-                        7 => self.tile::<7>(isa, rows.clone(), &acts, first, &out),
-                        _ => self.tile::<8>(isa, rows.clone(), &acts, first, &out),
+            for start in (0..self.cols).step_by(chunk) {
+                let cols = start..(start + chunk).min(self.cols);
+                for first in (0..tokens).step_by(max_group) {
+                    let part = Part {
+                        rows: rows.clone(),
+                        cols: cols.clone(),
+                        first,
+                    };
+                    // SAFETY: this task alone writes the outputs of `rows` (tasks split the rows),
+                    // and `out` has tokens * self.rows values (checked above).
+                    unsafe {
+                        match max_group.min(tokens - first) {
+                            1 => self.tile::<1>(isa, &part, &acts, &out),
+                            2 => self.tile::<2>(isa, &part, &acts, &out),
+                            3 => self.tile::<3>(isa, &part, &acts, &out),
+                            4 => self.tile::<4>(isa, &part, &acts, &out),
+                            5 => self.tile::<5>(isa, &part, &acts, &out),
+                            6 => self.tile::<6>(isa, &part, &acts, &out),
+                            7 => self.tile::<7>(isa, &part, &acts, &out),
+                            _ => self.tile::<8>(isa, &part, &acts, &out),
+                        }
                     }
                 }
             }
@@ -308,36 +323,42 @@ impl QMatrix {
     }
 
     /// Rows per parallel task: a few tasks per thread so two threads finish together, none so small
-    /// that scheduling costs more than it computes, and in a prefill tiles that stay in L2.
-    fn rows_per_task(&self, tokens: usize) -> usize {
+    /// that scheduling costs more than it computes, and in a prefill tiles whose `chunk` columns stay
+    /// in L2 while every token group passes over them.
+    fn rows_per_task(&self, tokens: usize, chunk: usize) -> usize {
         let total = self.rows * self.row_bytes();
-        let mut target = total / (4 * rayon::current_num_threads());
-        if tokens > self.format.max_group() {
-            target = target.min(MAX_TILE_BYTES);
-        }
-        (target.max(MIN_TASK_BYTES) / self.row_bytes()).clamp(1, self.rows)
+        let rows =
+            (total / (4 * rayon::current_num_threads())).max(MIN_TASK_BYTES) / self.row_bytes();
+        let rows = if tokens > self.format.max_group() {
+            let chunk_bytes = self.ty.bytes_for(chunk).unwrap_or(self.row_bytes());
+            rows.min(MAX_TILE_BYTES / chunk_bytes)
+        } else {
+            rows
+        };
+        rows.clamp(1, self.rows)
     }
 
-    /// Outputs of tokens `first..first + T` for weight rows `rows`.
+    /// Outputs of tokens `part.first..part.first + T` for weight rows `part.rows`, summed over columns
+    /// `part.cols` (and added to what earlier columns left there).
     ///
     /// # Safety
     /// No other thread may write these outputs meanwhile; `out` must hold tokens x self.rows values.
-    unsafe fn tile<const T: usize>(
-        &self,
-        isa: Isa,
-        rows: Range<usize>,
-        acts: &Activations,
-        first: usize,
-        out: &OutPtr,
-    ) {
-        let toks: [Token; T] = std::array::from_fn(|k| acts.token(first + k));
+    unsafe fn tile<const T: usize>(&self, isa: Isa, part: &Part, acts: &Activations, out: &OutPtr) {
+        let first = part.first;
+        let toks: [Token; T] = std::array::from_fn(|k| acts.token(first + k, part.cols.clone()));
         let rb = self.row_bytes();
+        let bytes = |c: usize| c / self.ty.block_size() * self.ty.type_size();
+        let (start, end) = (bytes(part.cols.start), bytes(part.cols.end));
         let data = self.data();
+        let accumulate = part.cols.start > 0;
         let each_row = |dot: &dyn Fn(&[u8]) -> [f32; T]| {
-            for r in rows.clone() {
-                for (k, v) in dot(&data[r * rb..(r + 1) * rb]).into_iter().enumerate() {
+            for r in part.rows.clone() {
+                for (k, v) in dot(&data[r * rb + start..r * rb + end])
+                    .into_iter()
+                    .enumerate()
+                {
                     // SAFETY: (first + k, r) is in bounds and ours alone (caller).
-                    unsafe { out.write((first + k) * self.rows + r, v) };
+                    unsafe { out.store((first + k) * self.rows + r, v, accumulate) };
                 }
             }
         };
@@ -371,12 +392,22 @@ struct OutPtr(*mut f32);
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
-    /// Writes `v` at `index`.
+    /// Writes `v` at `index`, or adds it to what is there if `accumulate`.
     ///
     /// # Safety
     /// `index` must be in bounds and written by no other thread meanwhile.
-    unsafe fn write(&self, index: usize, v: f32) {
+    unsafe fn store(&self, index: usize, v: f32, accumulate: bool) {
         // SAFETY: the caller's contract.
-        unsafe { *self.0.add(index) = v };
+        unsafe {
+            let p = self.0.add(index);
+            *p = if accumulate { *p + v } else { v };
+        }
     }
+}
+
+/// One piece of a task's work: weight rows `rows` over columns `cols` for the token group from `first`.
+struct Part {
+    rows: Range<usize>,
+    cols: Range<usize>,
+    first: usize,
 }

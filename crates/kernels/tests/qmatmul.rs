@@ -84,7 +84,8 @@ fn check_product(ty: GgmlType, w: &[f32], x: &[f32], out: &[f32], rows: usize, c
 #[test]
 fn matmul_is_within_the_8_bit_activation_budget() {
     for ty in TYPES {
-        for (rows, cols) in [(37, 2 * QK_K), (64, QK_K), (5, 4 * QK_K)] {
+        // 11 * 256 columns: a prefill goes over them in two passes (2048 + 768).
+        for (rows, cols) in [(37, 2 * QK_K), (64, QK_K), (5, 4 * QK_K), (9, 11 * QK_K)] {
             let (m, w) = matrix(ty, rows, cols, (rows * cols) as u64);
             for tokens in [1, 3, 17, 64] {
                 let x = values(tokens * cols, tokens as u64 + 1, 1.0);

@@ -6,6 +6,8 @@
 //! block scales are kept as f32 (Q8_0's rounded to f16 first, as the block format stores it) in arrays
 //! of their own rather than interleaved, so the quants of a token are one contiguous slice.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 use tiefsee_gguf::QK_K;
 
@@ -86,14 +88,14 @@ impl Activations {
         }
     }
 
-    /// Token `t`'s quantized activations.
-    pub(crate) fn token(&self, t: usize) -> Token<'_> {
-        let nb = self.cols / self.format.map_or(1, ActFormat::block_size);
-        let ns = self.cols / 16;
+    /// Token `t`'s quantized activations for columns `cols` (whole blocks).
+    pub(crate) fn token(&self, t: usize, cols: Range<usize>) -> Token<'_> {
+        let bs = self.format.map_or(1, ActFormat::block_size);
+        let at = |per: usize| (t * self.cols + cols.start) / per..(t * self.cols + cols.end) / per;
         Token {
-            qs: &self.qs[t * self.cols..(t + 1) * self.cols],
-            d: &self.d[t * nb..(t + 1) * nb],
-            bsums: &self.bsums[t * ns..(t + 1) * ns],
+            qs: &self.qs[at(1)],
+            d: &self.d[at(bs)],
+            bsums: &self.bsums[at(16)],
         }
     }
 }

@@ -41,7 +41,7 @@ fn activations_match_the_reference_quantizers() {
     acts.quantize(ActFormat::Q8_0, &x, cols);
     for t in 0..3 {
         let reference = quantize(GgmlType::Q8_0, &x[t * cols..(t + 1) * cols]).unwrap();
-        let tok = acts.token(t);
+        let tok = acts.token(t, 0..cols);
         for (b, block) in reference.chunks_exact(34).enumerate() {
             let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
             assert_eq!(tok.d[b].to_bits(), d.to_bits(), "token {t} block {b} scale");
@@ -53,7 +53,7 @@ fn activations_match_the_reference_quantizers() {
     acts.quantize(ActFormat::Q8K, &x, cols);
     for t in 0..3 {
         let reference = quantize(GgmlType::Q8_K, &x[t * cols..(t + 1) * cols]).unwrap();
-        let tok = acts.token(t);
+        let tok = acts.token(t, 0..cols);
         for (b, block) in reference.chunks_exact(292).enumerate() {
             let d = f32::from_le_bytes([block[0], block[1], block[2], block[3]]);
             assert_eq!(tok.d[b].to_bits(), d.to_bits(), "token {t} block {b} scale");
@@ -102,7 +102,7 @@ fn avx2_dot_products_match_scalar() {
         let x = values(4 * cols, 99, 1.0);
         let mut acts = Activations::default();
         acts.quantize(format.activations(), &x, cols);
-        let toks: [Token; 4] = std::array::from_fn(|t| acts.token(t));
+        let toks: [Token; 4] = std::array::from_fn(|t| acts.token(t, 0..cols));
         let scalar_dot = match format {
             Format::Q4_0 => scalar::dot_q4_0,
             Format::Q8_0 => scalar::dot_q8_0,
