@@ -136,6 +136,8 @@ pub struct QMatrix {
 
 /// Smallest share of weight bytes worth handing to another thread.
 const MIN_TASK_BYTES: usize = 32 * 1024;
+/// Multiply-adds below which a prefill is not split by tokens (about 50 us of one core's work).
+const MIN_SPLIT_MACS: usize = 4 << 20;
 /// Columns per pass in a prefill: 8 tokens' quantized activations for them take 16 KiB of L1.
 const K_CHUNK: usize = 2048;
 /// Largest row tile in a prefill: it should stay in L2 while every token group passes over it.
@@ -262,11 +264,12 @@ impl QMatrix {
             });
         }
         let tokens = x.len() / self.cols;
-        if out.len() != tokens * self.rows {
+        let expected = tokens.checked_mul(self.rows);
+        if expected != Some(out.len()) {
             return Err(KernelError::OutputLength {
                 tokens,
                 rows: self.rows,
-                expected: tokens * self.rows,
+                expected: expected.unwrap_or(usize::MAX),
                 found: out.len(),
             });
         }
@@ -284,22 +287,27 @@ impl QMatrix {
             self.cols
         };
         let rows_per_task = self.rows_per_task(tokens, chunk);
-        let n_tasks = self.rows.div_ceil(rows_per_task);
+        let groups_per_task = self.groups_per_task(tokens, rows_per_task);
+        let tokens_per_task = groups_per_task * max_group;
+        let row_tasks = self.rows.div_ceil(rows_per_task);
+        let n_tasks = row_tasks * tokens.div_ceil(tokens_per_task);
         let out = OutPtr(out.as_mut_ptr());
         let task = |task: usize| {
-            let rows = task * rows_per_task..((task + 1) * rows_per_task).min(self.rows);
+            let (row_task, token_task) = (task % row_tasks, task / row_tasks);
+            let rows = row_task * rows_per_task..((row_task + 1) * rows_per_task).min(self.rows);
+            let token_end = ((token_task + 1) * tokens_per_task).min(tokens);
             for start in (0..self.cols).step_by(chunk) {
                 let cols = start..(start + chunk).min(self.cols);
-                for first in (0..tokens).step_by(max_group) {
+                for first in (token_task * tokens_per_task..token_end).step_by(max_group) {
                     let part = Part {
                         rows: rows.clone(),
                         cols: cols.clone(),
                         first,
                     };
-                    // SAFETY: this task alone writes the outputs of `rows` (tasks split the rows),
-                    // and `out` has tokens * self.rows values (checked above).
+                    // SAFETY: this task alone writes the outputs of `rows` for its tokens (tasks
+                    // split rows and tokens), and `out` has tokens * self.rows values (checked above).
                     unsafe {
-                        match max_group.min(tokens - first) {
+                        match max_group.min(token_end - first) {
                             1 => self.tile::<1>(isa, &part, &acts, &out),
                             2 => self.tile::<2>(isa, &part, &acts, &out),
                             3 => self.tile::<3>(isa, &part, &acts, &out),
@@ -336,6 +344,19 @@ impl QMatrix {
             rows
         };
         rows.clamp(1, self.rows)
+    }
+
+    /// Token groups per parallel task: all of them, unless the rows alone make too few tasks for a
+    /// prefill big enough to share (a small matrix, such as one head's slice, times many tokens).
+    fn groups_per_task(&self, tokens: usize, rows_per_task: usize) -> usize {
+        let groups = tokens.div_ceil(self.format.max_group());
+        let row_tasks = self.rows.div_ceil(rows_per_task);
+        let wanted = 4 * rayon::current_num_threads();
+        let macs = (self.rows * self.cols).saturating_mul(tokens);
+        if row_tasks >= wanted || macs < MIN_SPLIT_MACS {
+            return groups;
+        }
+        groups.div_ceil(wanted.div_ceil(row_tasks).min(groups))
     }
 
     /// Outputs of tokens `part.first..part.first + T` for weight rows `part.rows`, summed over columns

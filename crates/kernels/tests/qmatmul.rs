@@ -119,6 +119,22 @@ fn a_large_matrix_splits_over_threads_without_changing_results() {
 }
 
 #[test]
+fn a_thin_matrix_times_many_tokens_splits_by_tokens_without_changing_results() {
+    // Too few rows to keep two threads busy: the prefill is split over tokens as well.
+    let (rows, cols, tokens) = (16, 2048, 200);
+    let (m, w) = matrix(GgmlType::Q4_K, rows, cols, 12);
+    let x = values(tokens * cols, 13, 1.0);
+    let mut out = vec![0f32; tokens * rows];
+    m.matmul(&x, &mut out).unwrap();
+    check_product(GgmlType::Q4_K, &w, &x, &out, rows, cols);
+    for t in [0, 7, 8, 99, 199] {
+        let mut one = vec![0f32; rows];
+        m.matmul(&x[t * cols..(t + 1) * cols], &mut one).unwrap();
+        assert_eq!(one, &out[t * rows..(t + 1) * rows], "token {t}");
+    }
+}
+
+#[test]
 fn slice_rows_is_the_same_rows() {
     let (rows, cols) = (37, QK_K);
     for ty in TYPES {
