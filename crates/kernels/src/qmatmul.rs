@@ -2,7 +2,7 @@
 //!
 //! As llama.cpp's CPU backend does (`ggml_compute_forward_mul_mat` with `vec_dot_type`), the
 //! activations are quantized once per call to 8 bits (Q8_0 for Q4_0/Q8_0 weights, Q8_K for the
-//! K-quants, see [`activations`]) and every output is a sum of integer block dot products times the
+//! K-quants, see `qmatmul/activations.rs`) and every output is a sum of integer block dot products times the
 //! block scales, so results match llama.cpp's up to float summation order.
 //!
 //! Work is split over rayon's global pool by tiles of weight rows. Inside a tile, tokens go in groups

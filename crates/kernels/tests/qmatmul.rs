@@ -6,6 +6,9 @@
 //! plus 2^-11 of itself from the f16 scale. The product with exact weights w is then off by at most
 //! sum_b (max|x_b| / 254) sum_{i in b} |w_i| + 2^-10 sum_i |w_i x_i|, which the tests demand (with a
 //! little room for f32 summation).
+//!
+//! These run the best kernels the CPU has; `TIEFSEE_ISA=scalar cargo test` runs the scalar references
+//! through the same checks (the unit tests compare the two directly).
 
 use tiefsee_gguf::{GgmlType, QK_K, dequantize, quantize};
 use tiefsee_kernels::{KernelError, QMatrix, WeightBytes};
