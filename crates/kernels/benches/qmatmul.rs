@@ -28,7 +28,7 @@ fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
         .collect();
     let scale = half::f16::from_f32(0.01).to_le_bytes();
     let scale_at: &[usize] = match ty {
-        GgmlType::Q8_0 | GgmlType::Q4_0 => &[0],
+        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => &[0],
         GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
         GgmlType::Q6_K => &[208],
         _ => unreachable!("no benchmark for {ty:?}"),
@@ -44,6 +44,7 @@ fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
 fn candle_dtype(ty: GgmlType) -> GgmlDType {
     match ty {
         GgmlType::Q4_0 => GgmlDType::Q4_0,
+        GgmlType::Q5_0 => GgmlDType::Q5_0,
         GgmlType::Q8_0 => GgmlDType::Q8_0,
         GgmlType::Q4_K => GgmlDType::Q4K,
         GgmlType::Q5_K => GgmlDType::Q5K,
@@ -104,6 +105,7 @@ fn main() {
         GgmlType::Q8_0,
         GgmlType::Q4_K,
         GgmlType::Q6_K,
+        GgmlType::Q5_0,
         GgmlType::Q4_0,
         GgmlType::Q5_K,
     ];
@@ -112,6 +114,8 @@ fn main() {
     } else {
         &[
             (1408, 2048, &[1, 4]),
+            // An expert's down projection in DeepSeek-V2-Lite: K-quants fall back to Q5_0 / Q8_0 there.
+            (2048, 1408, &[1, 4, 16]),
             (2048, 2048, &[1, 16, 128, 512]),
             (10944, 2048, &[1, 16, 128, 512]),
             (2048, 10752, &[1, 16, 128]),
@@ -122,7 +126,7 @@ fn main() {
         .into_iter()
         .filter(|&t| only_type.is_none_or(|o| o == t))
     {
-        for &(rows, cols, token_counts) in shapes {
+        for &(rows, cols, token_counts) in shapes.iter().filter(|s| s.1 % ty.block_size() == 0) {
             let bytes = weights(ty, rows, cols);
             let qt = qtensor_from_ggml(candle_dtype(ty), &bytes, vec![rows, cols], &Device::Cpu)
                 .expect("candle tensor");

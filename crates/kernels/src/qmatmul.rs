@@ -86,6 +86,9 @@ impl std::fmt::Debug for WeightBytes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
     Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
     Q5K,
@@ -96,6 +99,9 @@ impl Format {
     fn of(ty: GgmlType) -> Option<Self> {
         match ty {
             GgmlType::Q4_0 => Some(Format::Q4_0),
+            GgmlType::Q4_1 => Some(Format::Q4_1),
+            GgmlType::Q5_0 => Some(Format::Q5_0),
+            GgmlType::Q5_1 => Some(Format::Q5_1),
             GgmlType::Q8_0 => Some(Format::Q8_0),
             GgmlType::Q4_K => Some(Format::Q4K),
             GgmlType::Q5_K => Some(Format::Q5K),
@@ -108,7 +114,7 @@ impl Format {
     /// K-quants, whose unpacking costs most, take more (as many as the registers hold).
     fn max_group(self) -> usize {
         match self {
-            Format::Q4_0 | Format::Q8_0 => 4,
+            Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0 => 4,
             Format::Q4K | Format::Q5K | Format::Q6K => 8,
         }
     }
@@ -116,14 +122,16 @@ impl Format {
     /// The activation format its kernels dot against.
     fn activations(self) -> ActFormat {
         match self {
-            Format::Q4_0 | Format::Q8_0 => ActFormat::Q8_0,
+            Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0 => {
+                ActFormat::Q8_0
+            }
             Format::Q4K | Format::Q5K | Format::Q6K => ActFormat::Q8K,
         }
     }
 }
 
 /// A (rows, cols) weight matrix in one of llama.cpp's block formats, row-major: each row is
-/// cols/block_size whole blocks.
+/// cols/block_size whole blocks. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K have kernels.
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     ty: GgmlType,
@@ -388,6 +396,9 @@ impl QMatrix {
             // SAFETY (all arms): isa is Avx2 only when cpu::detected() found AVX2, FMA and F16C.
             match self.format {
                 Format::Q4_0 => each_row(&|row| unsafe { avx2::dot_q4_0(row, &toks) }),
+                Format::Q4_1 => each_row(&|row| unsafe { avx2::dot_q4_1(row, &toks) }),
+                Format::Q5_0 => each_row(&|row| unsafe { avx2::dot_q5_0(row, &toks) }),
+                Format::Q5_1 => each_row(&|row| unsafe { avx2::dot_q5_1(row, &toks) }),
                 Format::Q8_0 => each_row(&|row| unsafe { avx2::dot_q8_0(row, &toks) }),
                 Format::Q4K => each_row(&|row| unsafe { avx2::dot_q4_k(row, &toks) }),
                 Format::Q5K => each_row(&|row| unsafe { avx2::dot_q5_k(row, &toks) }),
@@ -397,6 +408,9 @@ impl QMatrix {
         }
         let dot: fn(&[u8], &Token) -> f32 = match self.format {
             Format::Q4_0 => scalar::dot_q4_0,
+            Format::Q4_1 => scalar::dot_q4_1,
+            Format::Q5_0 => scalar::dot_q5_0,
+            Format::Q5_1 => scalar::dot_q5_1,
             Format::Q8_0 => scalar::dot_q8_0,
             Format::Q4K => scalar::dot_q4_k,
             Format::Q5K => scalar::dot_q5_k,

@@ -13,8 +13,11 @@
 use tiefsee_gguf::{GgmlType, QK_K, dequantize, quantize};
 use tiefsee_kernels::{KernelError, QMatrix, WeightBytes};
 
-const TYPES: [GgmlType; 5] = [
+const TYPES: [GgmlType; 8] = [
     GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
     GgmlType::Q8_0,
     GgmlType::Q4_K,
     GgmlType::Q5_K,
@@ -38,7 +41,7 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 /// Values per activation block for weights of type `ty`.
 fn activation_block(ty: GgmlType) -> usize {
     match ty {
-        GgmlType::Q4_0 | GgmlType::Q8_0 => 32,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => 32,
         _ => QK_K,
     }
 }

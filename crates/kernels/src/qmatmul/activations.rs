@@ -73,7 +73,7 @@ impl Activations {
         self.format = Some(format);
         resize(&mut self.qs, tokens * cols);
         resize(&mut self.d, tokens * nb);
-        // Q8_0 weights never read the sums, but they cost one pass of adds and keep one layout.
+        // Q4_1 and Q5_1 take their activation sums from these; the K-quants need them for their mins.
         resize(&mut self.bsums, tokens * cols / 16);
         if tokens >= 2 * TOKENS_PER_TASK {
             x.par_chunks(cols)
