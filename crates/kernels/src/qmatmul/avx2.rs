@@ -50,14 +50,46 @@ unsafe fn load<T>(p: *const T) -> __m256i {
     unsafe { _mm256_loadu_si256(p.cast()) }
 }
 
-/// Shuffle controls that broadcast one i16 of a 128-bit lane: `word_shuffle(lo, hi)` repeats word `lo`
-/// across the low lane and word `hi` across the high lane.
+/// `_mm256_shuffle_epi8` controls that repeat word `lo` of the low 128-bit lane across that lane and
+/// word `hi` of the high lane across that one.
+const fn word_shuffle(lo: usize, hi: usize) -> [i8; 32] {
+    let mut b = [0i8; 32];
+    let mut i = 0;
+    while i < 32 {
+        let word = if i < 16 { lo } else { hi };
+        b[i] = (2 * word + i % 2) as i8;
+        i += 1;
+    }
+    b
+}
+
+/// Broadcasts of Q4_K/Q5_K sub-block scale j to all sixteen words.
+static K4_SCALE_SHUFFLES: [[i8; 32]; 8] = {
+    let mut t = [[0i8; 32]; 8];
+    let mut j = 0;
+    while j < 8 {
+        t[j] = word_shuffle(j, j);
+        j += 1;
+    }
+    t
+};
+
+/// For Q6_K's chunk k of 32 values: scale 2k in the low lane, 2k + 1 in the high lane.
+static K6_SCALE_SHUFFLES: [[i8; 32]; 4] = {
+    let mut t = [[0i8; 32]; 4];
+    let mut k = 0;
+    while k < 4 {
+        t[k] = word_shuffle(2 * k, 2 * k + 1);
+        k += 1;
+    }
+    t
+};
+
+/// The shuffle control `table`, as a vector.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn word_shuffle(lo: usize, hi: usize) -> __m256i {
-    let byte = |w: usize, i: usize| (2 * w + i % 2) as i8;
-    let b: [i8; 32] = std::array::from_fn(|i| if i < 16 { byte(lo, i) } else { byte(hi, i) });
-    // SAFETY: `b` is 32 bytes.
-    unsafe { load(b.as_ptr()) }
+fn control(table: &[i8; 32]) -> __m256i {
+    // SAFETY: the table is 32 bytes.
+    unsafe { load(table.as_ptr()) }
 }
 
 /// Panics unless every token has `n` quants (and `n / block` scales): the bounds every raw load relies on.
@@ -307,7 +339,6 @@ unsafe fn dot_k4_like<const T: usize>(
 ) -> [f32; T] {
     let nb = row.len() / size;
     check_tokens(toks, nb * QK_K, QK_K, true);
-    let shuffles: [__m256i; 8] = std::array::from_fn(|j| word_shuffle(j, j));
     let mut acc = [_mm256_setzero_ps(); T];
     for (i, block) in row.chunks_exact(size).enumerate() {
         let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
@@ -322,8 +353,8 @@ unsafe fn dot_k4_like<const T: usize>(
         let mut sumi = [_mm256_setzero_si256(); T];
         for j in 0..QK_K / 64 {
             let (q_lo, q_hi) = unpack(block, j);
-            let s_lo = _mm256_shuffle_epi8(scales, shuffles[2 * j]);
-            let s_hi = _mm256_shuffle_epi8(scales, shuffles[2 * j + 1]);
+            let s_lo = _mm256_shuffle_epi8(scales, control(&K4_SCALE_SHUFFLES[2 * j]));
+            let s_hi = _mm256_shuffle_epi8(scales, control(&K4_SCALE_SHUFFLES[2 * j + 1]));
             for t in 0..T {
                 let at = QK_K * i + 64 * j;
                 // SAFETY: check_tokens: every token holds nb * 256 quants.
@@ -410,8 +441,6 @@ pub(crate) unsafe fn dot_q6_k<const T: usize>(row: &[u8], toks: &[Token; T]) -> 
     check_tokens(toks, nb * QK_K, QK_K, true);
     let low4 = _mm256_set1_epi8(0xF);
     let low2 = _mm256_set1_epi8(3);
-    // Chunk k of 32 values spans sub-blocks 2k (low lane of maddubs' output) and 2k + 1 (high lane).
-    let shuffles: [__m256i; 4] = std::array::from_fn(|k| word_shuffle(2 * k, 2 * k + 1));
     let mut acc = [_mm256_setzero_ps(); T];
     for (i, block) in row.chunks_exact(210).enumerate() {
         let d = _mm256_set1_ps(f16_at(block, 208));
@@ -450,7 +479,8 @@ pub(crate) unsafe fn dot_q6_k<const T: usize>(row: &[u8], toks: &[Token; T]) -> 
                 ),
             ];
             for (k, &q) in q.iter().enumerate() {
-                let s = _mm256_shuffle_epi8(scales, shuffles[k]);
+                // Chunk k spans sub-blocks 2k (low lane of maddubs' output) and 2k + 1 (high lane).
+                let s = _mm256_shuffle_epi8(scales, control(&K6_SCALE_SHUFFLES[k]));
                 for t in 0..T {
                     // SAFETY: check_tokens: every token holds nb * 256 quants.
                     let a = unsafe { load(toks[t].qs.as_ptr().add(QK_K * i + 128 * n + 32 * k)) };
