@@ -1,7 +1,7 @@
 //! Quantized matmul throughput, ours against candle's on the same weight bytes.
 //!
 //! `nice -n 10 cargo bench -p tiefsee-kernels` (add `-- quick` for fewer shapes, `-- Q4_K` for one type,
-//! `-- ours` to skip candle). For each weight type
+//! `-- ours` to skip candle, `-- decode` for one token only). For each weight type
 //! and shape: milliseconds per call, GB/s of weight bytes streamed and GFLOP/s (2 rows cols tokens /
 //! time). Each figure is the best of several timed runs, since a shared 2-core VM is noisy. Weights
 //! are random bytes with a fixed, finite block scale: the kernels' speed does not depend on the values,
@@ -28,7 +28,7 @@ fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
         .collect();
     let scale = half::f16::from_f32(0.01).to_le_bytes();
     let scale_at: &[usize] = match ty {
-        GgmlType::Q8_0 | GgmlType::Q4_0 => &[0],
+        GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => &[0],
         GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
         GgmlType::Q6_K => &[208],
         _ => unreachable!("no benchmark for {ty:?}"),
@@ -44,6 +44,7 @@ fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
 fn candle_dtype(ty: GgmlType) -> GgmlDType {
     match ty {
         GgmlType::Q4_0 => GgmlDType::Q4_0,
+        GgmlType::Q5_0 => GgmlDType::Q5_0,
         GgmlType::Q8_0 => GgmlDType::Q8_0,
         GgmlType::Q4_K => GgmlDType::Q4K,
         GgmlType::Q5_K => GgmlDType::Q5K,
@@ -52,7 +53,8 @@ fn candle_dtype(ty: GgmlType) -> GgmlDType {
     }
 }
 
-/// Best time per call of `f` over `runs` runs of calls filling about `budget` each (after a warm-up).
+/// Best time per call of `f` over `runs` runs of calls filling about `budget` each (after a warm-up):
+/// many short runs, so that some fall between the bursts of other work on a shared machine.
 fn best_of(runs: usize, budget: Duration, mut f: impl FnMut()) -> Duration {
     let start = Instant::now();
     f();
@@ -70,10 +72,14 @@ fn best_of(runs: usize, budget: Duration, mut f: impl FnMut()) -> Duration {
         .unwrap_or(once)
 }
 
+/// Timed runs per measurement.
+const RUNS: usize = 12;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "quick");
     let ours_only = args.iter().any(|a| a == "ours");
+    let decode_only = args.iter().any(|a| a == "decode");
     let only_type = args
         .iter()
         .find_map(|a| GgmlType::ALL.into_iter().find(|t| t.name() == a));
@@ -99,6 +105,7 @@ fn main() {
         GgmlType::Q8_0,
         GgmlType::Q4_K,
         GgmlType::Q6_K,
+        GgmlType::Q5_0,
         GgmlType::Q4_0,
         GgmlType::Q5_K,
     ];
@@ -107,6 +114,8 @@ fn main() {
     } else {
         &[
             (1408, 2048, &[1, 4]),
+            // An expert's down projection in DeepSeek-V2-Lite: K-quants fall back to Q5_0 / Q8_0 there.
+            (2048, 1408, &[1, 4, 16]),
             (2048, 2048, &[1, 16, 128, 512]),
             (10944, 2048, &[1, 16, 128, 512]),
             (2048, 10752, &[1, 16, 128]),
@@ -117,57 +126,61 @@ fn main() {
         .into_iter()
         .filter(|&t| only_type.is_none_or(|o| o == t))
     {
-        for &(rows, cols, token_counts) in shapes {
+        for &(rows, cols, token_counts) in shapes.iter().filter(|s| s.1 % ty.block_size() == 0) {
             let bytes = weights(ty, rows, cols);
             let qt = qtensor_from_ggml(candle_dtype(ty), &bytes, vec![rows, cols], &Device::Cpu)
                 .expect("candle tensor");
             let candle = QMatMul::from_qtensor(qt).expect("candle matmul");
             let ours = QMatrix::new(ty, rows, cols, WeightBytes::from_vec(bytes)).expect("matrix");
             let weight_gb = (ours.row_bytes() * rows) as f64 / 1e9;
-            for &tokens in token_counts {
+            for &tokens in token_counts.iter().filter(|&&t| !decode_only || t == 1) {
                 let x: Vec<f32> = (0..tokens * cols)
                     .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
                     .collect();
                 let mut out = vec![0f32; tokens * rows];
-                let budget = Duration::from_millis(if quick { 100 } else { 250 });
-                let t_ours = best_of(5, budget, || ours.matmul(&x, &mut out).expect("matmul"));
-                let xt = Tensor::from_slice(&x, (tokens, cols), &Device::Cpu).expect("tensor");
-                let t_candle = if ours_only {
-                    Duration::from_secs(1)
-                } else {
-                    best_of(5, budget, || {
-                        candle.forward(&xt).expect("candle forward");
-                    })
-                };
-                // Same weights and activations: the two should agree to 8-bit activation precision.
-                let theirs: Vec<f32> = candle
-                    .forward(&xt)
-                    .and_then(|y| y.flatten_all()?.to_vec1())
-                    .expect("candle output");
-                let scale = theirs.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
-                let diff = out
-                    .iter()
-                    .zip(&theirs)
-                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                let budget = Duration::from_millis(if quick { 20 } else { 50 });
+                let t_ours = best_of(RUNS, budget, || ours.matmul(&x, &mut out).expect("matmul"));
                 let flop = 2.0 * (rows * cols * tokens) as f64 / 1e9;
-                let ms = |t: Duration| t.as_secs_f64() * 1e3;
-                println!(
-                    "{:<5} {:>13} {:>4} | {:>9.3} {:>7.1} {:>7.1} | {:>9.3} {:>7.1} {:>7.1} | {:>5.2}x{}",
-                    format!("{ty:?}"),
-                    format!("{rows}x{cols}"),
-                    tokens,
-                    ms(t_ours),
-                    weight_gb / t_ours.as_secs_f64(),
-                    flop / t_ours.as_secs_f64(),
-                    ms(t_candle),
-                    weight_gb / t_candle.as_secs_f64(),
-                    flop / t_candle.as_secs_f64(),
-                    t_candle.as_secs_f64() / t_ours.as_secs_f64(),
-                    if diff > 1e-3 * scale {
+                let rates = |t: Duration| {
+                    let secs = t.as_secs_f64();
+                    format!(
+                        "{:>9.3} {:>7.1} {:>7.1}",
+                        secs * 1e3,
+                        weight_gb / secs,
+                        flop / secs
+                    )
+                };
+                let theirs = if ours_only {
+                    String::new()
+                } else {
+                    let xt = Tensor::from_slice(&x, (tokens, cols), &Device::Cpu).expect("tensor");
+                    let t_candle = best_of(RUNS, budget, || {
+                        candle.forward(&xt).expect("candle forward");
+                    });
+                    // Same weights and activations: the two agree to 8-bit activation precision.
+                    let y: Vec<f32> = candle
+                        .forward(&xt)
+                        .and_then(|y| y.flatten_all()?.to_vec1())
+                        .expect("candle output");
+                    let scale = y.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+                    let diff = out
+                        .iter()
+                        .zip(&y)
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    let speedup = t_candle.as_secs_f64() / t_ours.as_secs_f64();
+                    let disagree = if diff > 1e-3 * scale {
                         format!("  (max diff {diff:e} of {scale:e})")
                     } else {
                         String::new()
-                    },
+                    };
+                    format!(" | {} | {speedup:>5.2}x{disagree}", rates(t_candle))
+                };
+                println!(
+                    "{:<5} {:>13} {:>4} | {}{theirs}",
+                    format!("{ty:?}"),
+                    format!("{rows}x{cols}"),
+                    tokens,
+                    rates(t_ours),
                 );
             }
         }

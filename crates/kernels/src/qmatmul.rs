@@ -2,7 +2,7 @@
 //!
 //! As llama.cpp's CPU backend does (`ggml_compute_forward_mul_mat` with `vec_dot_type`), the
 //! activations are quantized once per call to 8 bits (Q8_0 for Q4_0/Q8_0 weights, Q8_K for the
-//! K-quants, see [`activations`]) and every output is a sum of integer block dot products times the
+//! K-quants, see `qmatmul/activations.rs`) and every output is a sum of integer block dot products times the
 //! block scales, so results match llama.cpp's up to float summation order.
 //!
 //! Work is split over rayon's global pool by tiles of weight rows. Inside a tile, tokens go in groups
@@ -86,6 +86,9 @@ impl std::fmt::Debug for WeightBytes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
     Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
     Q5K,
@@ -96,6 +99,9 @@ impl Format {
     fn of(ty: GgmlType) -> Option<Self> {
         match ty {
             GgmlType::Q4_0 => Some(Format::Q4_0),
+            GgmlType::Q4_1 => Some(Format::Q4_1),
+            GgmlType::Q5_0 => Some(Format::Q5_0),
+            GgmlType::Q5_1 => Some(Format::Q5_1),
             GgmlType::Q8_0 => Some(Format::Q8_0),
             GgmlType::Q4_K => Some(Format::Q4K),
             GgmlType::Q5_K => Some(Format::Q5K),
@@ -108,7 +114,7 @@ impl Format {
     /// K-quants, whose unpacking costs most, take more (as many as the registers hold).
     fn max_group(self) -> usize {
         match self {
-            Format::Q4_0 | Format::Q8_0 => 4,
+            Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0 => 4,
             Format::Q4K | Format::Q5K | Format::Q6K => 8,
         }
     }
@@ -116,14 +122,16 @@ impl Format {
     /// The activation format its kernels dot against.
     fn activations(self) -> ActFormat {
         match self {
-            Format::Q4_0 | Format::Q8_0 => ActFormat::Q8_0,
+            Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0 => {
+                ActFormat::Q8_0
+            }
             Format::Q4K | Format::Q5K | Format::Q6K => ActFormat::Q8K,
         }
     }
 }
 
 /// A (rows, cols) weight matrix in one of llama.cpp's block formats, row-major: each row is
-/// cols/block_size whole blocks.
+/// cols/block_size whole blocks. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K have kernels.
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     ty: GgmlType,
@@ -136,6 +144,10 @@ pub struct QMatrix {
 
 /// Smallest share of weight bytes worth handing to another thread.
 const MIN_TASK_BYTES: usize = 32 * 1024;
+/// Multiply-adds below which a prefill is not split by tokens (about 50 us of one core's work).
+const MIN_SPLIT_MACS: usize = 4 << 20;
+/// Columns per pass in a prefill: 8 tokens' quantized activations for them take 16 KiB of L1.
+const K_CHUNK: usize = 2048;
 /// Largest row tile in a prefill: it should stay in L2 while every token group passes over it.
 const MAX_TILE_BYTES: usize = 128 * 1024;
 
@@ -260,11 +272,12 @@ impl QMatrix {
             });
         }
         let tokens = x.len() / self.cols;
-        if out.len() != tokens * self.rows {
+        let expected = tokens.checked_mul(self.rows);
+        if expected != Some(out.len()) {
             return Err(KernelError::OutputLength {
                 tokens,
                 rows: self.rows,
-                expected: tokens * self.rows,
+                expected: expected.unwrap_or(usize::MAX),
                 found: out.len(),
             });
         }
@@ -275,25 +288,43 @@ impl QMatrix {
         let mut acts = SCRATCH.take();
         acts.quantize(self.format.activations(), x, self.cols);
         let max_group = self.format.max_group();
-        let rows_per_task = self.rows_per_task(tokens);
-        let n_tasks = self.rows.div_ceil(rows_per_task);
+        // A prefill goes over the columns in chunks, so one token group's activations stay in L1.
+        let chunk = if tokens > max_group {
+            K_CHUNK.min(self.cols)
+        } else {
+            self.cols
+        };
+        let rows_per_task = self.rows_per_task(tokens, chunk);
+        let groups_per_task = self.groups_per_task(tokens, rows_per_task);
+        let tokens_per_task = groups_per_task * max_group;
+        let row_tasks = self.rows.div_ceil(rows_per_task);
+        let n_tasks = row_tasks * tokens.div_ceil(tokens_per_task);
         let out = OutPtr(out.as_mut_ptr());
         let task = |task: usize| {
-            let rows = task * rows_per_task..((task + 1) * rows_per_task).min(self.rows);
-            for first in (0..tokens).step_by(max_group) {
-                let group = first..(first + max_group).min(tokens);
-                // SAFETY: this task alone writes the outputs of `rows` (tasks split the rows), and
-                // `out` has tokens * self.rows values (checked above).
-                unsafe {
-                    match group.len() {
-                        1 => self.tile::<1>(isa, rows.clone(), &acts, first, &out),
-                        2 => self.tile::<2>(isa, rows.clone(), &acts, first, &out),
-                        3 => self.tile::<3>(isa, rows.clone(), &acts, first, &out),
-                        4 => self.tile::<4>(isa, rows.clone(), &acts, first, &out),
-                        5 => self.tile::<5>(isa, rows.clone(), &acts, first, &out),
-                        6 => self.tile::<6>(isa, rows.clone(), &acts, first, &out),
-                        7 => self.tile::<7>(isa, rows.clone(), &acts, first, &out),
-                        _ => self.tile::<8>(isa, rows.clone(), &acts, first, &out),
+            let (row_task, token_task) = (task % row_tasks, task / row_tasks);
+            let rows = row_task * rows_per_task..((row_task + 1) * rows_per_task).min(self.rows);
+            let token_end = ((token_task + 1) * tokens_per_task).min(tokens);
+            for start in (0..self.cols).step_by(chunk) {
+                let cols = start..(start + chunk).min(self.cols);
+                for first in (token_task * tokens_per_task..token_end).step_by(max_group) {
+                    let part = Part {
+                        rows: rows.clone(),
+                        cols: cols.clone(),
+                        first,
+                    };
+                    // SAFETY: this task alone writes the outputs of `rows` for its tokens (tasks
+                    // split rows and tokens), and `out` has tokens * self.rows values (checked above).
+                    unsafe {
+                        match max_group.min(token_end - first) {
+                            1 => self.tile::<1>(isa, &part, &acts, &out),
+                            2 => self.tile::<2>(isa, &part, &acts, &out),
+                            3 => self.tile::<3>(isa, &part, &acts, &out),
+                            4 => self.tile::<4>(isa, &part, &acts, &out),
+                            5 => self.tile::<5>(isa, &part, &acts, &out),
+                            6 => self.tile::<6>(isa, &part, &acts, &out),
+                            7 => self.tile::<7>(isa, &part, &acts, &out),
+                            _ => self.tile::<8>(isa, &part, &acts, &out),
+                        }
                     }
                 }
             }
@@ -308,36 +339,55 @@ impl QMatrix {
     }
 
     /// Rows per parallel task: a few tasks per thread so two threads finish together, none so small
-    /// that scheduling costs more than it computes, and in a prefill tiles that stay in L2.
-    fn rows_per_task(&self, tokens: usize) -> usize {
+    /// that scheduling costs more than it computes, and in a prefill tiles whose `chunk` columns stay
+    /// in L2 while every token group passes over them.
+    fn rows_per_task(&self, tokens: usize, chunk: usize) -> usize {
         let total = self.rows * self.row_bytes();
-        let mut target = total / (4 * rayon::current_num_threads());
-        if tokens > self.format.max_group() {
-            target = target.min(MAX_TILE_BYTES);
-        }
-        (target.max(MIN_TASK_BYTES) / self.row_bytes()).clamp(1, self.rows)
+        let rows =
+            (total / (4 * rayon::current_num_threads())).max(MIN_TASK_BYTES) / self.row_bytes();
+        let rows = if tokens > self.format.max_group() {
+            let chunk_bytes = self.ty.bytes_for(chunk).unwrap_or(self.row_bytes());
+            rows.min(MAX_TILE_BYTES / chunk_bytes)
+        } else {
+            rows
+        };
+        rows.clamp(1, self.rows)
     }
 
-    /// Outputs of tokens `first..first + T` for weight rows `rows`.
+    /// Token groups per parallel task: all of them, unless the rows alone make too few tasks for a
+    /// prefill big enough to share (a small matrix, such as one head's slice, times many tokens).
+    fn groups_per_task(&self, tokens: usize, rows_per_task: usize) -> usize {
+        let groups = tokens.div_ceil(self.format.max_group());
+        let row_tasks = self.rows.div_ceil(rows_per_task);
+        let wanted = 4 * rayon::current_num_threads();
+        let macs = (self.rows * self.cols).saturating_mul(tokens);
+        if row_tasks >= wanted || macs < MIN_SPLIT_MACS {
+            return groups;
+        }
+        groups.div_ceil(wanted.div_ceil(row_tasks).min(groups))
+    }
+
+    /// Outputs of tokens `part.first..part.first + T` for weight rows `part.rows`, summed over columns
+    /// `part.cols` (and added to what earlier columns left there).
     ///
     /// # Safety
     /// No other thread may write these outputs meanwhile; `out` must hold tokens x self.rows values.
-    unsafe fn tile<const T: usize>(
-        &self,
-        isa: Isa,
-        rows: Range<usize>,
-        acts: &Activations,
-        first: usize,
-        out: &OutPtr,
-    ) {
-        let toks: [Token; T] = std::array::from_fn(|k| acts.token(first + k));
+    unsafe fn tile<const T: usize>(&self, isa: Isa, part: &Part, acts: &Activations, out: &OutPtr) {
+        let first = part.first;
+        let toks: [Token; T] = std::array::from_fn(|k| acts.token(first + k, part.cols.clone()));
         let rb = self.row_bytes();
+        let bytes = |c: usize| c / self.ty.block_size() * self.ty.type_size();
+        let (start, end) = (bytes(part.cols.start), bytes(part.cols.end));
         let data = self.data();
+        let accumulate = part.cols.start > 0;
         let each_row = |dot: &dyn Fn(&[u8]) -> [f32; T]| {
-            for r in rows.clone() {
-                for (k, v) in dot(&data[r * rb..(r + 1) * rb]).into_iter().enumerate() {
+            for r in part.rows.clone() {
+                for (k, v) in dot(&data[r * rb + start..r * rb + end])
+                    .into_iter()
+                    .enumerate()
+                {
                     // SAFETY: (first + k, r) is in bounds and ours alone (caller).
-                    unsafe { out.write((first + k) * self.rows + r, v) };
+                    unsafe { out.store((first + k) * self.rows + r, v, accumulate) };
                 }
             }
         };
@@ -346,6 +396,9 @@ impl QMatrix {
             // SAFETY (all arms): isa is Avx2 only when cpu::detected() found AVX2, FMA and F16C.
             match self.format {
                 Format::Q4_0 => each_row(&|row| unsafe { avx2::dot_q4_0(row, &toks) }),
+                Format::Q4_1 => each_row(&|row| unsafe { avx2::dot_q4_1(row, &toks) }),
+                Format::Q5_0 => each_row(&|row| unsafe { avx2::dot_q5_0(row, &toks) }),
+                Format::Q5_1 => each_row(&|row| unsafe { avx2::dot_q5_1(row, &toks) }),
                 Format::Q8_0 => each_row(&|row| unsafe { avx2::dot_q8_0(row, &toks) }),
                 Format::Q4K => each_row(&|row| unsafe { avx2::dot_q4_k(row, &toks) }),
                 Format::Q5K => each_row(&|row| unsafe { avx2::dot_q5_k(row, &toks) }),
@@ -355,6 +408,9 @@ impl QMatrix {
         }
         let dot: fn(&[u8], &Token) -> f32 = match self.format {
             Format::Q4_0 => scalar::dot_q4_0,
+            Format::Q4_1 => scalar::dot_q4_1,
+            Format::Q5_0 => scalar::dot_q5_0,
+            Format::Q5_1 => scalar::dot_q5_1,
             Format::Q8_0 => scalar::dot_q8_0,
             Format::Q4K => scalar::dot_q4_k,
             Format::Q5K => scalar::dot_q5_k,
@@ -371,12 +427,22 @@ struct OutPtr(*mut f32);
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
-    /// Writes `v` at `index`.
+    /// Writes `v` at `index`, or adds it to what is there if `accumulate`.
     ///
     /// # Safety
     /// `index` must be in bounds and written by no other thread meanwhile.
-    unsafe fn write(&self, index: usize, v: f32) {
+    unsafe fn store(&self, index: usize, v: f32, accumulate: bool) {
         // SAFETY: the caller's contract.
-        unsafe { *self.0.add(index) = v };
+        unsafe {
+            let p = self.0.add(index);
+            *p = if accumulate { *p + v } else { v };
+        }
     }
+}
+
+/// One piece of a task's work: weight rows `rows` over columns `cols` for the token group from `first`.
+struct Part {
+    rows: Range<usize>,
+    cols: Range<usize>,
+    first: usize,
 }

@@ -6,12 +6,18 @@
 //! plus 2^-11 of itself from the f16 scale. The product with exact weights w is then off by at most
 //! sum_b (max|x_b| / 254) sum_{i in b} |w_i| + 2^-10 sum_i |w_i x_i|, which the tests demand (with a
 //! little room for f32 summation).
+//!
+//! These run the best kernels the CPU has; `TIEFSEE_ISA=scalar cargo test` runs the scalar references
+//! through the same checks (the unit tests compare the two directly).
 
 use tiefsee_gguf::{GgmlType, QK_K, dequantize, quantize};
 use tiefsee_kernels::{KernelError, QMatrix, WeightBytes};
 
-const TYPES: [GgmlType; 5] = [
+const TYPES: [GgmlType; 8] = [
     GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
     GgmlType::Q8_0,
     GgmlType::Q4_K,
     GgmlType::Q5_K,
@@ -35,7 +41,7 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 /// Values per activation block for weights of type `ty`.
 fn activation_block(ty: GgmlType) -> usize {
     match ty {
-        GgmlType::Q4_0 | GgmlType::Q8_0 => 32,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => 32,
         _ => QK_K,
     }
 }
@@ -84,7 +90,8 @@ fn check_product(ty: GgmlType, w: &[f32], x: &[f32], out: &[f32], rows: usize, c
 #[test]
 fn matmul_is_within_the_8_bit_activation_budget() {
     for ty in TYPES {
-        for (rows, cols) in [(37, 2 * QK_K), (64, QK_K), (5, 4 * QK_K)] {
+        // 11 * 256 columns: a prefill goes over them in two passes (2048 + 768).
+        for (rows, cols) in [(37, 2 * QK_K), (64, QK_K), (5, 4 * QK_K), (9, 11 * QK_K)] {
             let (m, w) = matrix(ty, rows, cols, (rows * cols) as u64);
             for tokens in [1, 3, 17, 64] {
                 let x = values(tokens * cols, tokens as u64 + 1, 1.0);
@@ -114,6 +121,22 @@ fn a_large_matrix_splits_over_threads_without_changing_results() {
                 assert_eq!(one[t], out[t * rows + r], "{ty:?} row {r} token {t}");
             }
         }
+    }
+}
+
+#[test]
+fn a_thin_matrix_times_many_tokens_splits_by_tokens_without_changing_results() {
+    // Too few rows to keep two threads busy: the prefill is split over tokens as well.
+    let (rows, cols, tokens) = (16, 2048, 200);
+    let (m, w) = matrix(GgmlType::Q4_K, rows, cols, 12);
+    let x = values(tokens * cols, 13, 1.0);
+    let mut out = vec![0f32; tokens * rows];
+    m.matmul(&x, &mut out).unwrap();
+    check_product(GgmlType::Q4_K, &w, &x, &out, rows, cols);
+    for t in [0, 7, 8, 99, 199] {
+        let mut one = vec![0f32; rows];
+        m.matmul(&x[t * cols..(t + 1) * cols], &mut one).unwrap();
+        assert_eq!(one, &out[t * rows..(t + 1) * rows], "token {t}");
     }
 }
 

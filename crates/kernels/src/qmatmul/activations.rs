@@ -6,8 +6,13 @@
 //! block scales are kept as f32 (Q8_0's rounded to f16 first, as the block format stores it) in arrays
 //! of their own rather than interleaved, so the quants of a token are one contiguous slice.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 use tiefsee_gguf::QK_K;
+
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::{self, Isa};
 
 /// Values per Q8_0 block.
 pub(crate) const QK8_0: usize = 32;
@@ -68,7 +73,7 @@ impl Activations {
         self.format = Some(format);
         resize(&mut self.qs, tokens * cols);
         resize(&mut self.d, tokens * nb);
-        // Q8_0 weights never read the sums, but they cost one pass of adds and keep one layout.
+        // Q4_1 and Q5_1 take their activation sums from these; the K-quants need them for their mins.
         resize(&mut self.bsums, tokens * cols / 16);
         if tokens >= 2 * TOKENS_PER_TASK {
             x.par_chunks(cols)
@@ -86,20 +91,54 @@ impl Activations {
         }
     }
 
-    /// Token `t`'s quantized activations.
-    pub(crate) fn token(&self, t: usize) -> Token<'_> {
-        let nb = self.cols / self.format.map_or(1, ActFormat::block_size);
-        let ns = self.cols / 16;
+    /// Token `t`'s quantized activations for columns `cols` (whole blocks).
+    pub(crate) fn token(&self, t: usize, cols: Range<usize>) -> Token<'_> {
+        let bs = self.format.map_or(1, ActFormat::block_size);
+        let at = |per: usize| (t * self.cols + cols.start) / per..(t * self.cols + cols.end) / per;
         Token {
-            qs: &self.qs[t * self.cols..(t + 1) * self.cols],
-            d: &self.d[t * nb..(t + 1) * nb],
-            bsums: &self.bsums[t * ns..(t + 1) * ns],
+            qs: &self.qs[at(1)],
+            d: &self.d[at(bs)],
+            bsums: &self.bsums[at(16)],
         }
     }
 }
 
 /// Quantizes one token's values `x` into `qs`, `d` and the sums of each 16 quants `bsums`.
 fn quantize_token(format: ActFormat, x: &[f32], qs: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
+    #[cfg(target_arch = "x86_64")]
+    if cpu::detected() == Isa::Avx2 {
+        // SAFETY: the CPU has AVX2, FMA and F16C.
+        return unsafe { quantize_token_avx2(format, x, qs, d, bsums) };
+    }
+    quantize_token_portable(format, x, qs, d, bsums);
+}
+
+/// [`quantize_token_portable`] compiled for AVX2: the same operations, so the same bits, but with
+/// `round` inlined instead of a call to libm's `roundf`, and vectorized.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_token_avx2(
+    format: ActFormat,
+    x: &[f32],
+    qs: &mut [i8],
+    d: &mut [f32],
+    bsums: &mut [i16],
+) {
+    quantize_token_portable(format, x, qs, d, bsums);
+}
+
+/// The body of [`quantize_token`].
+#[inline(always)]
+fn quantize_token_portable(
+    format: ActFormat,
+    x: &[f32],
+    qs: &mut [i8],
+    d: &mut [f32],
+    bsums: &mut [i16],
+) {
     match format {
         ActFormat::Q8_0 => quantize_q8_0(x, qs, d),
         ActFormat::Q8K => quantize_q8_k(x, qs, d),
@@ -115,6 +154,7 @@ fn resize<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
     v.resize(n, T::default());
 }
 
+#[inline(always)]
 /// `quantize_row_q8_0_ref`: d = max|x| / 127, q = round(x / d), half away from zero.
 pub(crate) fn quantize_q8_0(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
     for ((x, qs), d) in x.chunks_exact(QK8_0).zip(qs.chunks_exact_mut(QK8_0)).zip(d) {
@@ -128,6 +168,7 @@ pub(crate) fn quantize_q8_0(x: &[f32], qs: &mut [i8], d: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 /// `quantize_row_q8_K_ref`: scale from the signed value of largest magnitude, q = nearest(x * -127 / max)
 /// capped at 127.
 pub(crate) fn quantize_q8_k(x: &[f32], qs: &mut [i8], d: &mut [f32]) {

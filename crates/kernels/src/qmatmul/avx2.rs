@@ -1,4 +1,4 @@
-//! AVX2 + FMA + F16C dot products: one weight row against `T` tokens (1 to 4) at once.
+//! AVX2 + FMA + F16C dot products: one weight row against `T` tokens (1 to 8) at once.
 //!
 //! The approaches are llama.cpp's (`ggml-cpu/arch/x86/quants.c`, `ggml_vec_dot_*_q8_*`): bytes times
 //! bytes with `_mm256_maddubs_epi16` (unsigned x signed, so signed weights go through the
@@ -6,9 +6,10 @@
 //! float FMA per block. The K-quants accumulate whole super-blocks in i32 (their sub-block scales are
 //! small integers) and subtract their minimums with the activations' 16-value sums (`bsums`).
 //!
-//! Where it departs: each weight block is unpacked once and dotted with up to four tokens, so in a
-//! prefill the unpacking (the dominant cost of the K-quants) is shared; and Q6_K's -32 offset is taken
-//! off with `bsums` once per super-block instead of with an extra multiply per 32 values.
+//! Where it departs: each weight block is unpacked once and dotted with up to eight tokens, so in a
+//! prefill the unpacking (the dominant cost of the K-quants) is shared; Q6_K's -32 offset is taken off
+//! with `bsums` once per super-block instead of with an extra multiply per 32 values; and Q4_1/Q5_1
+//! take their activation sums from the same `bsums` rather than from a separate Q8_1 format.
 //!
 //! Every function checks its slice lengths up front; the raw loads inside rely on those checks.
 //! Callers must only call them on a CPU with AVX2, FMA and F16C (see `crate::cpu`).
@@ -49,14 +50,46 @@ unsafe fn load<T>(p: *const T) -> __m256i {
     unsafe { _mm256_loadu_si256(p.cast()) }
 }
 
-/// Shuffle controls that broadcast one i16 of a 128-bit lane: `word_shuffle(lo, hi)` repeats word `lo`
-/// across the low lane and word `hi` across the high lane.
+/// `_mm256_shuffle_epi8` controls that repeat word `lo` of the low 128-bit lane across that lane and
+/// word `hi` of the high lane across that one.
+const fn word_shuffle(lo: usize, hi: usize) -> [i8; 32] {
+    let mut b = [0i8; 32];
+    let mut i = 0;
+    while i < 32 {
+        let word = if i < 16 { lo } else { hi };
+        b[i] = (2 * word + i % 2) as i8;
+        i += 1;
+    }
+    b
+}
+
+/// Broadcasts of Q4_K/Q5_K sub-block scale j to all sixteen words.
+static K4_SCALE_SHUFFLES: [[i8; 32]; 8] = {
+    let mut t = [[0i8; 32]; 8];
+    let mut j = 0;
+    while j < 8 {
+        t[j] = word_shuffle(j, j);
+        j += 1;
+    }
+    t
+};
+
+/// For Q6_K's chunk k of 32 values: scale 2k in the low lane, 2k + 1 in the high lane.
+static K6_SCALE_SHUFFLES: [[i8; 32]; 4] = {
+    let mut t = [[0i8; 32]; 4];
+    let mut k = 0;
+    while k < 4 {
+        t[k] = word_shuffle(2 * k, 2 * k + 1);
+        k += 1;
+    }
+    t
+};
+
+/// The shuffle control `table`, as a vector.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn word_shuffle(lo: usize, hi: usize) -> __m256i {
-    let byte = |w: usize, i: usize| (2 * w + i % 2) as i8;
-    let b: [i8; 32] = std::array::from_fn(|i| if i < 16 { byte(lo, i) } else { byte(hi, i) });
-    // SAFETY: `b` is 32 bytes.
-    unsafe { load(b.as_ptr()) }
+fn control(table: &[i8; 32]) -> __m256i {
+    // SAFETY: the table is 32 bytes.
+    unsafe { load(table.as_ptr()) }
 }
 
 /// Panics unless every token has `n` quants (and `n / block` scales): the bounds every raw load relies on.
@@ -98,70 +131,186 @@ unsafe fn signed_block<const T: usize>(
     }
 }
 
-/// Legacy-type rows (`size`-byte blocks of 32, f16 scale first): `unpack` gives a block's 32 signed
-/// weights. Blocks alternate between two sets of accumulators so that one token's FMAs do not wait
-/// on each other.
+/// Dot products of unsigned 32-byte weight levels `w` (block `b`: value = d * w + m) with `T` tokens'
+/// quants: d times the products FMA'd into `acc[t]`, m times the activations' sums added to `mins[t]`
+/// (the Q4_1 / Q5_1 inner step, llama.cpp's Q8_1 `s` term taken from `bsums`).
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C.
+/// Every token must hold block `b` (32 quants from `32 * b`, scale `b`, sums `2b` and `2b + 1`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unsigned_block<const T: usize>(
+    w: __m256i,
+    (d, m): (__m256, f32),
+    toks: &[Token; T],
+    b: usize,
+    acc: &mut [__m256; T],
+    mins: &mut [f32; T],
+) {
+    let ones = _mm256_set1_epi16(1);
+    for t in 0..T {
+        // SAFETY: token t holds block b (caller).
+        let (a, da, sum) = unsafe {
+            let tok = &toks[t];
+            let sums = tok.bsums.as_ptr().add(2 * b);
+            (
+                load(tok.qs.as_ptr().add(QK8_0 * b)),
+                *tok.d.as_ptr().add(b),
+                i32::from(*sums) + i32::from(*sums.add(1)),
+            )
+        };
+        let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones));
+        acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(p, _mm256_set1_ps(da)), d, acc[t]);
+        mins[t] += m * (da * sum as f32);
+    }
+}
+
+/// Rows of the legacy types (`size`-byte blocks of 32): `step(block, b, acc, mins)` adds block `b`.
+/// Blocks alternate between two sets of accumulators so that one token's FMAs do not wait on each
+/// other.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `step` may rely on every token holding every block.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_legacy<const T: usize>(
     row: &[u8],
     toks: &[Token; T],
     size: usize,
-    unpack: impl Fn(&[u8]) -> __m256i,
+    step: impl Fn(&[u8], usize, &mut [__m256; T], &mut [f32; T]),
 ) -> [f32; T] {
     let nb = row.len() / size;
-    check_tokens(toks, nb * QK8_0, QK8_0, false);
+    check_tokens(toks, nb * QK8_0, QK8_0, true);
     let mut acc = [[_mm256_setzero_ps(); T]; 2];
+    let mut mins = [0f32; T];
     let mut pairs = row.chunks_exact(2 * size);
     for (i, pair) in pairs.by_ref().enumerate() {
         let (b0, b1) = pair.split_at(size);
-        let (d0, d1) = (_mm256_set1_ps(f16_at(b0, 0)), _mm256_set1_ps(f16_at(b1, 0)));
-        // SAFETY: check_tokens: every token holds all nb blocks.
-        unsafe {
-            signed_block(unpack(b0), d0, toks, 2 * i, &mut acc[0]);
-            signed_block(unpack(b1), d1, toks, 2 * i + 1, &mut acc[1]);
-        }
+        step(b0, 2 * i, &mut acc[0], &mut mins);
+        step(b1, 2 * i + 1, &mut acc[1], &mut mins);
     }
     if let Some(last) = pairs.remainder().get(..size) {
-        let d = _mm256_set1_ps(f16_at(last, 0));
-        // SAFETY: as above; this is block nb - 1.
-        unsafe { signed_block(unpack(last), d, toks, nb - 1, &mut acc[0]) };
+        step(last, nb - 1, &mut acc[0], &mut mins);
     }
-    std::array::from_fn(|t| hsum(_mm256_add_ps(acc[0][t], acc[1][t])))
+    std::array::from_fn(|t| hsum(_mm256_add_ps(acc[0][t], acc[1][t])) + mins[t])
 }
 
-/// Q8_0 weights against `T` tokens of Q8_0 activations.
+/// The 32 bits at `block[at..at + 4]` as 32 bytes: 0xFF where the bit is set, else 0 (llama.cpp's
+/// `bytes_from_bits_32`).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bytes_from_bits(block: &[u8], at: usize) -> __m256i {
+    let bits = i32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
+    // Byte j gets source byte j / 8, then every bit but j % 8 is set: all ones iff bit j was.
+    let spread = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), spread);
+    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+    _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi64x(-1))
+}
+
+/// The 32 levels of a block's 16 nibble bytes at `at`: low nibbles (elements 0..16), then high.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn nibbles(block: &[u8], at: usize) -> __m256i {
+    // SAFETY: the 16 bytes at `at` are in the block (indexing checks them).
+    let q = unsafe { _mm_loadu_si128(block[at..at + 16].as_ptr().cast()) };
+    _mm256_and_si256(
+        _mm256_set_m128i(_mm_srli_epi16::<4>(q), q),
+        _mm256_set1_epi8(0xF),
+    )
+}
+
+/// Q8_0 weights (34 bytes: f16 d, 32 i8) against `T` tokens of Q8_0 activations.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q8_0<const T: usize>(row: &[u8], toks: &[Token; T]) -> [f32; T] {
-    // SAFETY: a 34-byte block has 32 quant bytes after its scale.
-    let unpack = |block: &[u8]| unsafe { load(block[2..34].as_ptr()) };
+    let step = |block: &[u8], b, acc: &mut [__m256; T], _: &mut [f32; T]| {
+        let d = _mm256_set1_ps(f16_at(block, 0));
+        // SAFETY: a 34-byte block has 32 quant bytes after its scale; dot_legacy checked the tokens.
+        unsafe { signed_block(load(block[2..34].as_ptr()), d, toks, b, acc) };
+    };
     // SAFETY: the caller guarantees the CPU features.
-    unsafe { dot_legacy(row, toks, 34, unpack) }
+    unsafe { dot_legacy(row, toks, 34, step) }
 }
 
-/// Q4_0 weights against `T` tokens of Q8_0 activations.
+/// Q4_0 weights (18 bytes: f16 d, 16 nibble bytes; value = d * (q - 8)) against Q8_0 activations.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q4_0<const T: usize>(row: &[u8], toks: &[Token; T]) -> [f32; T] {
-    let low4 = _mm256_set1_epi8(0xF);
     let eight = _mm256_set1_epi8(8);
-    let unpack = |block: &[u8]| {
-        // SAFETY: an 18-byte block has 16 nibble bytes after its scale.
-        let q = unsafe { _mm_loadu_si128(block[2..18].as_ptr().cast()) };
-        // Low nibbles are elements 0..16, high nibbles 16..32; levels are stored + 8.
-        let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), low4);
-        _mm256_sub_epi8(w, eight)
+    let step = |block: &[u8], b, acc: &mut [__m256; T], _: &mut [f32; T]| {
+        let d = _mm256_set1_ps(f16_at(block, 0));
+        let w = _mm256_sub_epi8(nibbles(block, 2), eight);
+        // SAFETY: dot_legacy checked the tokens.
+        unsafe { signed_block(w, d, toks, b, acc) };
     };
     // SAFETY: the caller guarantees the CPU features.
-    unsafe { dot_legacy(row, toks, 18, unpack) }
+    unsafe { dot_legacy(row, toks, 18, step) }
+}
+
+/// Q5_0 weights (22 bytes: f16 d, 32 fifth bits, 16 nibble bytes; value = d * (q - 16)) against Q8_0
+/// activations.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q5_0<const T: usize>(row: &[u8], toks: &[Token; T]) -> [f32; T] {
+    let high = _mm256_set1_epi8(0xF0u8 as i8);
+    let step = |block: &[u8], b, acc: &mut [__m256; T], _: &mut [f32; T]| {
+        let d = _mm256_set1_ps(f16_at(block, 0));
+        // q - 16 in two's complement is the nibble with the top four bits set, unless the fifth bit is.
+        let w = _mm256_or_si256(
+            nibbles(block, 6),
+            _mm256_andnot_si256(bytes_from_bits(block, 2), high),
+        );
+        // SAFETY: dot_legacy checked the tokens.
+        unsafe { signed_block(w, d, toks, b, acc) };
+    };
+    // SAFETY: the caller guarantees the CPU features.
+    unsafe { dot_legacy(row, toks, 22, step) }
+}
+
+/// Q4_1 weights (20 bytes: f16 d, f16 m, 16 nibble bytes; value = d * q + m) against Q8_0 activations.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q4_1<const T: usize>(row: &[u8], toks: &[Token; T]) -> [f32; T] {
+    let step = |block: &[u8], b, acc: &mut [__m256; T], mins: &mut [f32; T]| {
+        let dm = (_mm256_set1_ps(f16_at(block, 0)), f16_at(block, 2));
+        // SAFETY: dot_legacy checked the tokens.
+        unsafe { unsigned_block(nibbles(block, 4), dm, toks, b, acc, mins) };
+    };
+    // SAFETY: the caller guarantees the CPU features.
+    unsafe { dot_legacy(row, toks, 20, step) }
+}
+
+/// Q5_1 weights (24 bytes: f16 d, f16 m, 32 fifth bits, 16 nibble bytes; value = d * q + m) against
+/// Q8_0 activations.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q5_1<const T: usize>(row: &[u8], toks: &[Token; T]) -> [f32; T] {
+    let sixteen = _mm256_set1_epi8(16);
+    let step = |block: &[u8], b, acc: &mut [__m256; T], mins: &mut [f32; T]| {
+        let dm = (_mm256_set1_ps(f16_at(block, 0)), f16_at(block, 2));
+        let w = _mm256_or_si256(
+            nibbles(block, 8),
+            _mm256_and_si256(bytes_from_bits(block, 4), sixteen),
+        );
+        // SAFETY: dot_legacy checked the tokens.
+        unsafe { unsigned_block(w, dm, toks, b, acc, mins) };
+    };
+    // SAFETY: the caller guarantees the CPU features.
+    unsafe { dot_legacy(row, toks, 24, step) }
 }
 
 /// The eight 6-bit scales and eight 6-bit mins of Q4_K/Q5_K's 12 packed bytes (ggml's `utmp` shuffle:
@@ -190,7 +339,6 @@ unsafe fn dot_k4_like<const T: usize>(
 ) -> [f32; T] {
     let nb = row.len() / size;
     check_tokens(toks, nb * QK_K, QK_K, true);
-    let shuffles: [__m256i; 8] = std::array::from_fn(|j| word_shuffle(j, j));
     let mut acc = [_mm256_setzero_ps(); T];
     for (i, block) in row.chunks_exact(size).enumerate() {
         let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
@@ -205,8 +353,8 @@ unsafe fn dot_k4_like<const T: usize>(
         let mut sumi = [_mm256_setzero_si256(); T];
         for j in 0..QK_K / 64 {
             let (q_lo, q_hi) = unpack(block, j);
-            let s_lo = _mm256_shuffle_epi8(scales, shuffles[2 * j]);
-            let s_hi = _mm256_shuffle_epi8(scales, shuffles[2 * j + 1]);
+            let s_lo = _mm256_shuffle_epi8(scales, control(&K4_SCALE_SHUFFLES[2 * j]));
+            let s_hi = _mm256_shuffle_epi8(scales, control(&K4_SCALE_SHUFFLES[2 * j + 1]));
             for t in 0..T {
                 let at = QK_K * i + 64 * j;
                 // SAFETY: check_tokens: every token holds nb * 256 quants.
@@ -293,8 +441,6 @@ pub(crate) unsafe fn dot_q6_k<const T: usize>(row: &[u8], toks: &[Token; T]) -> 
     check_tokens(toks, nb * QK_K, QK_K, true);
     let low4 = _mm256_set1_epi8(0xF);
     let low2 = _mm256_set1_epi8(3);
-    // Chunk k of 32 values spans sub-blocks 2k (low lane of maddubs' output) and 2k + 1 (high lane).
-    let shuffles: [__m256i; 4] = std::array::from_fn(|k| word_shuffle(2 * k, 2 * k + 1));
     let mut acc = [_mm256_setzero_ps(); T];
     for (i, block) in row.chunks_exact(210).enumerate() {
         let d = _mm256_set1_ps(f16_at(block, 208));
@@ -333,7 +479,8 @@ pub(crate) unsafe fn dot_q6_k<const T: usize>(row: &[u8], toks: &[Token; T]) -> 
                 ),
             ];
             for (k, &q) in q.iter().enumerate() {
-                let s = _mm256_shuffle_epi8(scales, shuffles[k]);
+                // Chunk k spans sub-blocks 2k (low lane of maddubs' output) and 2k + 1 (high lane).
+                let s = _mm256_shuffle_epi8(scales, control(&K6_SCALE_SHUFFLES[k]));
                 for t in 0..T {
                     // SAFETY: check_tokens: every token holds nb * 256 quants.
                     let a = unsafe { load(toks[t].qs.as_ptr().add(QK_K * i + 128 * n + 32 * k)) };

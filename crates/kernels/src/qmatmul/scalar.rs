@@ -35,6 +35,70 @@ pub(crate) fn dot_q4_0(row: &[u8], tok: &Token) -> f32 {
     sum
 }
 
+/// The 32 five-bit levels of a Q5_0/Q5_1 block: nibbles at `qs` (low ones first) plus bit `j` of the
+/// little-endian u32 at `qh` as bit 4 of level `j`.
+fn five_bit_levels(block: &[u8], qh: usize, qs: usize) -> impl Iterator<Item = i32> + '_ {
+    let high = u32::from_le_bytes([block[qh], block[qh + 1], block[qh + 2], block[qh + 3]]);
+    (0..32).map(move |j| {
+        let nibble = if j < 16 {
+            block[qs + j] & 0xF
+        } else {
+            block[qs + j - 16] >> 4
+        };
+        i32::from(nibble) | ((((high >> j) & 1) as i32) << 4)
+    })
+}
+
+/// Q5_0 (22 bytes: f16 d, u32 fifth bits, 16 nibble bytes; value = d * (q - 16)) against Q8_0.
+pub(crate) fn dot_q5_0(row: &[u8], tok: &Token) -> f32 {
+    let mut sum = 0f32;
+    for ((block, a), &da) in row
+        .chunks_exact(22)
+        .zip(tok.qs.chunks_exact(QK8_0))
+        .zip(tok.d)
+    {
+        let isum = idot(five_bit_levels(block, 2, 6).map(|q| q - 16), a);
+        sum += isum as f32 * (f16_at(block, 0) * da);
+    }
+    sum
+}
+
+/// Shared by Q4_1 and Q5_1 (f16 d, f16 m first; value = d * q + m): d * da * sum(q a) plus
+/// m * da * sum(a) per block.
+fn dot_with_min<'a, L: Iterator<Item = i32>>(
+    row: &'a [u8],
+    size: usize,
+    tok: &Token,
+    levels: impl Fn(&'a [u8]) -> L,
+) -> f32 {
+    let mut sum = 0f32;
+    for ((block, a), &da) in row
+        .chunks_exact(size)
+        .zip(tok.qs.chunks_exact(QK8_0))
+        .zip(tok.d)
+    {
+        let isum = idot(levels(block), a);
+        let asum: i32 = a.iter().map(|&a| i32::from(a)).sum();
+        sum += isum as f32 * (f16_at(block, 0) * da) + f16_at(block, 2) * (da * asum as f32);
+    }
+    sum
+}
+
+/// Q4_1 (20 bytes: f16 d, f16 m, 16 nibble bytes) against Q8_0 activations.
+pub(crate) fn dot_q4_1(row: &[u8], tok: &Token) -> f32 {
+    dot_with_min(row, 20, tok, |block| {
+        let qs = &block[4..20];
+        qs.iter()
+            .map(|&q| i32::from(q & 0xF))
+            .chain(qs.iter().map(|&q| i32::from(q >> 4)))
+    })
+}
+
+/// Q5_1 (24 bytes: f16 d, f16 m, u32 fifth bits, 16 nibble bytes) against Q8_0 activations.
+pub(crate) fn dot_q5_1(row: &[u8], tok: &Token) -> f32 {
+    dot_with_min(row, 24, tok, |block| five_bit_levels(block, 4, 8))
+}
+
 /// Q8_0 (34 bytes: f16 d, 32 i8) against Q8_0 activations.
 pub(crate) fn dot_q8_0(row: &[u8], tok: &Token) -> f32 {
     let mut sum = 0f32;

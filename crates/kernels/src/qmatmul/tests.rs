@@ -21,8 +21,11 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-const FORMATS: [(GgmlType, Format); 5] = [
+const FORMATS: [(GgmlType, Format); 8] = [
     (GgmlType::Q4_0, Format::Q4_0),
+    (GgmlType::Q4_1, Format::Q4_1),
+    (GgmlType::Q5_0, Format::Q5_0),
+    (GgmlType::Q5_1, Format::Q5_1),
     (GgmlType::Q8_0, Format::Q8_0),
     (GgmlType::Q4_K, Format::Q4K),
     (GgmlType::Q5_K, Format::Q5K),
@@ -41,7 +44,7 @@ fn activations_match_the_reference_quantizers() {
     acts.quantize(ActFormat::Q8_0, &x, cols);
     for t in 0..3 {
         let reference = quantize(GgmlType::Q8_0, &x[t * cols..(t + 1) * cols]).unwrap();
-        let tok = acts.token(t);
+        let tok = acts.token(t, 0..cols);
         for (b, block) in reference.chunks_exact(34).enumerate() {
             let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
             assert_eq!(tok.d[b].to_bits(), d.to_bits(), "token {t} block {b} scale");
@@ -53,7 +56,7 @@ fn activations_match_the_reference_quantizers() {
     acts.quantize(ActFormat::Q8K, &x, cols);
     for t in 0..3 {
         let reference = quantize(GgmlType::Q8_K, &x[t * cols..(t + 1) * cols]).unwrap();
-        let tok = acts.token(t);
+        let tok = acts.token(t, 0..cols);
         for (b, block) in reference.chunks_exact(292).enumerate() {
             let d = f32::from_le_bytes([block[0], block[1], block[2], block[3]]);
             assert_eq!(tok.d[b].to_bits(), d.to_bits(), "token {t} block {b} scale");
@@ -102,9 +105,12 @@ fn avx2_dot_products_match_scalar() {
         let x = values(4 * cols, 99, 1.0);
         let mut acts = Activations::default();
         acts.quantize(format.activations(), &x, cols);
-        let toks: [Token; 4] = std::array::from_fn(|t| acts.token(t));
+        let toks: [Token; 4] = std::array::from_fn(|t| acts.token(t, 0..cols));
         let scalar_dot = match format {
             Format::Q4_0 => scalar::dot_q4_0,
+            Format::Q4_1 => scalar::dot_q4_1,
+            Format::Q5_0 => scalar::dot_q5_0,
+            Format::Q5_1 => scalar::dot_q5_1,
             Format::Q8_0 => scalar::dot_q8_0,
             Format::Q4K => scalar::dot_q4_k,
             Format::Q5K => scalar::dot_q5_k,
@@ -114,6 +120,9 @@ fn avx2_dot_products_match_scalar() {
         let simd: Vec<f32> = unsafe {
             match format {
                 Format::Q4_0 => avx2::dot_q4_0::<4>(&row, &toks).to_vec(),
+                Format::Q4_1 => avx2::dot_q4_1::<4>(&row, &toks).to_vec(),
+                Format::Q5_0 => avx2::dot_q5_0::<4>(&row, &toks).to_vec(),
+                Format::Q5_1 => avx2::dot_q5_1::<4>(&row, &toks).to_vec(),
                 Format::Q8_0 => avx2::dot_q8_0::<4>(&row, &toks).to_vec(),
                 Format::Q4K => avx2::dot_q4_k::<4>(&row, &toks).to_vec(),
                 Format::Q5K => avx2::dot_q5_k::<4>(&row, &toks).to_vec(),
@@ -124,6 +133,9 @@ fn avx2_dot_products_match_scalar() {
         let single = unsafe {
             match format {
                 Format::Q4_0 => avx2::dot_q4_0::<1>(&row, &[toks[2]]),
+                Format::Q4_1 => avx2::dot_q4_1::<1>(&row, &[toks[2]]),
+                Format::Q5_0 => avx2::dot_q5_0::<1>(&row, &[toks[2]]),
+                Format::Q5_1 => avx2::dot_q5_1::<1>(&row, &[toks[2]]),
                 Format::Q8_0 => avx2::dot_q8_0::<1>(&row, &[toks[2]]),
                 Format::Q4K => avx2::dot_q4_k::<1>(&row, &[toks[2]]),
                 Format::Q5K => avx2::dot_q5_k::<1>(&row, &[toks[2]]),
