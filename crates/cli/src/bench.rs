@@ -81,10 +81,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             info.context_length
         );
     }
-    let threads: usize = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let threads = rayon::current_num_threads();
     let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
     let vocab = info.vocab_size as u32;
     let mut random_tokens =
@@ -93,14 +90,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let prompt = random_tokens(args.n_prompt);
     let gen_tokens = random_tokens(args.n_gen.max(1));
 
-    // A fresh cache holding the depth tokens.
-    let fresh = |extra: usize| -> anyhow::Result<_> {
-        let mut cache = model.new_cache(Some(args.depth + extra))?;
-        if !depth_tokens.is_empty() {
-            model.forward(&depth_tokens, &mut cache, Logits::Last)?;
-        }
-        Ok(cache)
-    };
+    // The depth tokens are run once; every test starts from a copy of that cache.
+    let mut at_depth = model.new_cache(Some(longest))?;
+    if !depth_tokens.is_empty() {
+        model.forward(&depth_tokens, &mut at_depth, Logits::Last)?;
+    }
+    let fresh = |_extra: usize| -> anyhow::Result<_> { Ok(at_depth.clone()) };
     let run_pp = || -> anyhow::Result<f64> {
         let mut cache = fresh(prompt.len())?;
         let start = Instant::now();
@@ -133,6 +128,14 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
     let stat = |s: &[f64]| (!s.is_empty()).then(|| mean_std(s));
     let (pp_stat, tg_stat) = (stat(&pp), stat(&tg));
+    // The memory-bandwidth roofline of decoding: every weight a token uses plus the cache rows it
+    // attends to (on average over the test), read once per token at the machine's read bandwidth.
+    let roofline = (args.n_gen > 0).then(|| {
+        let bandwidth = read_bandwidth();
+        let kv_rows = args.depth as f64 + (args.n_gen as f64 + 1.0) / 2.0;
+        let bytes = info.weight_bytes_per_token as f64 + info.kv_bytes_per_token as f64 * kv_rows;
+        (bandwidth, bytes, bandwidth / bytes)
+    });
     let size_bytes = std::fs::metadata(&args.model)
         .ok()
         .filter(|m| m.is_file())
@@ -156,6 +159,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "pp_samples": pp,
             "tg_samples": tg,
             "kv_bytes_per_token": info.kv_bytes_per_token,
+            "cache_dtype": info.cache_dtype,
+            "weight_bytes_per_token": info.weight_bytes_per_token,
+            "decode_bytes_per_token": roofline.map(|r| r.1),
+            "read_bandwidth_gbs": roofline.map(|r| r.0 / 1e9),
+            "tg_roofline_tps": roofline.map(|r| r.2),
+            "tg_roofline_fraction": roofline.zip(tg_stat).map(|(r, t)| t.0 / r.2),
         });
         println!("{out}");
         return Ok(());
@@ -164,7 +173,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         || args.model.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
-    let at_depth = if args.depth > 0 {
+    let depth_label = if args.depth > 0 {
         format!(" @ d{}", args.depth)
     } else {
         String::new()
@@ -178,8 +187,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "", "", "", "", ""
     );
     let rows = [
-        (format!("pp{}{at_depth}", args.n_prompt), pp_stat),
-        (format!("tg{}{at_depth}", args.n_gen), tg_stat),
+        (format!("pp{}{depth_label}", args.n_prompt), pp_stat),
+        (format!("tg{}{depth_label}", args.n_gen), tg_stat),
     ];
     for (test, stat) in rows {
         if let Some((mean, std)) = stat {
@@ -193,7 +202,34 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             );
         }
     }
+    if let (Some((bandwidth, bytes, limit)), Some((tg, _))) = (roofline, tg_stat) {
+        println!(
+            "\ndecode reads {:.1} MB per token; at the {:.1} GB/s measured here that allows {limit:.2} t/s: tg is {:.0}% of that roofline",
+            bytes / 1e6,
+            bandwidth / 1e9,
+            100.0 * tg / limit
+        );
+    }
     Ok(())
+}
+
+/// The machine's memory read bandwidth in bytes per second with rayon's threads: the best of a few
+/// passes summing a 1 GiB buffer (far larger than any cache) in parallel.
+fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    const BYTES: usize = 1 << 30;
+    let buffer: Vec<u64> = (0..BYTES / 8).into_par_iter().map(|i| i as u64).collect();
+    (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            let sum: u64 = buffer
+                .par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+                .reduce(|| 0, u64::wrapping_add);
+            std::hint::black_box(sum);
+            BYTES as f64 / start.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
 }
 
 #[cfg(test)]

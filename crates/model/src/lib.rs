@@ -79,6 +79,10 @@ pub struct ModelInfo {
     pub kv_bytes_per_token: u64,
     /// Bytes per token that full multi-head attention with these dimensions would cache.
     pub kv_bytes_per_token_mha: u64,
+    /// Bytes of weights one decoded token reads, as stored: all but the embedding table (one row)
+    /// and, on average, the routed experts it does not visit. With the cache read, the traffic that
+    /// bounds decoding speed by memory bandwidth.
+    pub weight_bytes_per_token: u64,
     pub layers: usize,
     pub vocab_size: usize,
     pub context_length: usize,
@@ -313,6 +317,13 @@ fn model_info(config: &ModelConfig, checkpoint: &Checkpoint) -> (ModelInfo, (usi
             .shape_of(name)
             .map_or(0, |s| s.iter().product::<usize>() as u64)
     };
+    let stored = |pred: &dyn Fn(&str) -> bool| -> u64 {
+        checkpoint
+            .names()
+            .filter(|n| pred(n))
+            .filter_map(|n| checkpoint.stored_bytes(n))
+            .sum::<usize>() as u64
+    };
     // FP8 scales are bookkeeping, not parameters.
     let params = |pred: &dyn Fn(&str) -> bool| -> u64 {
         checkpoint
@@ -335,6 +346,17 @@ fn model_info(config: &ModelConfig, checkpoint: &Checkpoint) -> (ModelInfo, (usi
             let expert_params = 3 * (c.hidden_size * c.moe_intermediate_size) as u64;
             let idle = (c.n_routed_experts - c.num_experts_per_tok) as u64;
             let (latent, mha) = deepseek::mla::kv_elements_per_token(c);
+            let embed_read = |n: &str| c.tie_word_embeddings || n != "model.embed_tokens.weight";
+            let idle_expert_bytes: u64 = (0..c.num_hidden_layers)
+                .filter(|&l| c.ffn_kind(l) == config::FfnKind::Moe)
+                .map(|l| {
+                    let prefix = format!("model.layers.{l}.mlp.experts.");
+                    let all = stored(&|n| n.starts_with(&prefix));
+                    idle * all / c.n_routed_experts.max(1) as u64
+                })
+                .sum();
+            let weight_bytes_per_token =
+                stored(&|n| !is_mtp(n) && embed_read(n)).saturating_sub(idle_expert_bytes);
             let info = ModelInfo {
                 architecture: config.architecture().into(),
                 total_params,
@@ -344,6 +366,7 @@ fn model_info(config: &ModelConfig, checkpoint: &Checkpoint) -> (ModelInfo, (usi
                 cache_dtype: String::new(),
                 kv_bytes_per_token: 0,
                 kv_bytes_per_token_mha: 0,
+                weight_bytes_per_token,
                 layers: c.num_hidden_layers,
                 vocab_size: c.vocab_size,
                 context_length: c.max_position_embeddings,
@@ -354,6 +377,11 @@ fn model_info(config: &ModelConfig, checkpoint: &Checkpoint) -> (ModelInfo, (usi
             let total_params = params(&|n| !(c.tie_word_embeddings && n == "lm_head.weight"));
             let kv = 2 * c.num_key_value_heads * c.head_dim * c.num_hidden_layers;
             let mha = 2 * c.num_attention_heads * c.head_dim * c.num_hidden_layers;
+            // A tied head reads the embedding table (and a stored lm_head is ignored).
+            let weight_bytes_per_token = stored(&|n| match c.tie_word_embeddings {
+                true => n != "lm_head.weight",
+                false => n != "model.embed_tokens.weight",
+            });
             let info = ModelInfo {
                 architecture: config.architecture().into(),
                 total_params,
@@ -363,6 +391,7 @@ fn model_info(config: &ModelConfig, checkpoint: &Checkpoint) -> (ModelInfo, (usi
                 cache_dtype: String::new(),
                 kv_bytes_per_token: 0,
                 kv_bytes_per_token_mha: 0,
+                weight_bytes_per_token,
                 layers: c.num_hidden_layers,
                 vocab_size: c.vocab_size,
                 context_length: c.max_position_embeddings,

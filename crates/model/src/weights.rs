@@ -158,6 +158,17 @@ impl Checkpoint {
             .chain(self.gguf.iter().flat_map(|g| g.names()))
     }
 
+    /// Bytes a tensor takes as stored (quantized blocks for a GGUF, FP8 bytes for an FP8 checkpoint).
+    pub fn stored_bytes(&self, name: &str) -> Option<usize> {
+        if let Some(t) = self.in_memory.get(name) {
+            return Some(t.elem_count() * t.dtype().size_in_bytes());
+        }
+        if let Some(e) = self.tensors.get(name) {
+            return Some(e.end - e.start);
+        }
+        self.gguf.as_ref().and_then(|g| g.stored_bytes(name))
+    }
+
     /// Stored shape of a tensor, if present.
     pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
         match self.in_memory.get(name) {

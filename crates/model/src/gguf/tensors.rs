@@ -274,6 +274,19 @@ impl GgufTensors {
         self.entries.keys().map(String::as_str)
     }
 
+    /// Bytes the file stores for a checkpoint tensor (an expert's share of a stacked tensor).
+    pub fn stored_bytes(&self, name: &str) -> Option<usize> {
+        let infos = self.file.tensor_infos();
+        Some(match self.entries.get(name)?.source {
+            Source::Plain { tensor } | Source::Unpermute { tensor, .. } => infos[tensor].n_bytes(),
+            Source::Expert { tensor, .. } => {
+                let experts = infos[tensor].shape().first().copied().unwrap_or(1).max(1);
+                infos[tensor].n_bytes() / experts
+            }
+            Source::KvB { k_b, v_b } => infos[k_b].n_bytes() + infos[v_b].n_bytes(),
+        })
+    }
+
     /// Checkpoint shape of a tensor.
     pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
         self.entries.get(name).map(|e| e.shape.as_slice())
