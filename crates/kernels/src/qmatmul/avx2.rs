@@ -469,15 +469,17 @@ pub(crate) unsafe fn dot_q6_k<const T: usize>(row: &[u8], toks: &[Token; T]) -> 
             let level = |k: usize| {
                 let shift =
                     |v: __m256i, by: usize| _mm256_srl_epi16(v, _mm_cvtsi32_si128(by as i32));
-                let low =
-                    _mm256_and_si256(shift(if k % 2 == 0 { b1 } else { b2 }, 4 * (k / 2)), low4);
+                let low = _mm256_and_si256(
+                    shift(if k.is_multiple_of(2) { b1 } else { b2 }, 4 * (k / 2)),
+                    low4,
+                );
                 let high = _mm256_and_si256(shift(h, 2 * k), low2);
                 _mm256_or_si256(low, _mm256_slli_epi16::<4>(high))
             };
-            for k in 0..4 {
+            for (k, shuffle) in K6_SCALE_SHUFFLES.iter().enumerate() {
                 let q = level(k);
                 // Chunk k spans sub-blocks 2k (low lane of maddubs' output) and 2k + 1 (high lane).
-                let s = _mm256_shuffle_epi8(scales, control(&K6_SCALE_SHUFFLES[k]));
+                let s = _mm256_shuffle_epi8(scales, control(shuffle));
                 for t in 0..T {
                     // SAFETY: check_tokens: every token holds nb * 256 quants.
                     let a = unsafe { load(toks[t].qs.as_ptr().add(QK_K * i + 128 * n + 32 * k)) };
