@@ -1,7 +1,7 @@
 //! Quantized matmul throughput, ours against candle's on the same weight bytes.
 //!
 //! `nice -n 10 cargo bench -p tiefsee-kernels` (add `-- quick` for fewer shapes, `-- Q4_K` for one type,
-//! `-- ours` to skip candle, `-- decode` for one token only). For each weight type
+//! `-- ours` to skip candle, `-- decode` for one token only, `-- 2048x2048` for one shape). For each weight type
 //! and shape: milliseconds per call, GB/s of weight bytes streamed and GFLOP/s (2 rows cols tokens /
 //! time). Each figure is the best of several timed runs, since a shared 2-core VM is noisy. Weights
 //! are random bytes with a fixed, finite block scale: the kernels' speed does not depend on the values,
@@ -80,6 +80,9 @@ fn main() {
     let quick = args.iter().any(|a| a == "quick");
     let ours_only = args.iter().any(|a| a == "ours");
     let decode_only = args.iter().any(|a| a == "decode");
+    let only_shape = args
+        .iter()
+        .find(|a| a.contains('x') && a.starts_with(|c: char| c.is_ascii_digit()));
     let only_type = args
         .iter()
         .find_map(|a| GgmlType::ALL.into_iter().find(|t| t.name() == a));
@@ -126,7 +129,10 @@ fn main() {
         .into_iter()
         .filter(|&t| only_type.is_none_or(|o| o == t))
     {
-        for &(rows, cols, token_counts) in shapes.iter().filter(|s| s.1 % ty.block_size() == 0) {
+        let wanted = |&&(rows, cols, _): &&(usize, usize, &[usize])| {
+            cols % ty.block_size() == 0 && only_shape.is_none_or(|s| *s == format!("{rows}x{cols}"))
+        };
+        for &(rows, cols, token_counts) in shapes.iter().filter(wanted) {
             let bytes = weights(ty, rows, cols);
             let qt = qtensor_from_ggml(candle_dtype(ty), &bytes, vec![rows, cols], &Device::Cpu)
                 .expect("candle tensor");

@@ -146,6 +146,8 @@ pub struct QMatrix {
 const MIN_TASK_BYTES: usize = 32 * 1024;
 /// Multiply-adds below which a prefill is not split by tokens (about 50 us of one core's work).
 const MIN_SPLIT_MACS: usize = 4 << 20;
+/// Token groups from which a prefill goes over the columns in chunks of [`K_CHUNK`].
+const CHUNKED_GROUPS: usize = 4;
 /// Columns per pass in a prefill: 8 tokens' quantized activations for them take 16 KiB of L1.
 const K_CHUNK: usize = 2048;
 /// Largest row tile in a prefill: it should stay in L2 while every token group passes over it.
@@ -288,8 +290,9 @@ impl QMatrix {
         let mut acts = SCRATCH.take();
         acts.quantize(self.format.activations(), x, self.cols);
         let max_group = self.format.max_group();
-        // A prefill goes over the columns in chunks, so one token group's activations stay in L1.
-        let chunk = if tokens > max_group {
+        // With many token groups, a prefill goes over the columns in chunks so that one group's
+        // activations stay in L1; with few, whole rows keep the weights streaming from memory in order.
+        let chunk = if tokens.div_ceil(max_group) >= CHUNKED_GROUPS {
             K_CHUNK.min(self.cols)
         } else {
             self.cols

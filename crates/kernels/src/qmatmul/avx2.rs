@@ -465,22 +465,21 @@ pub(crate) unsafe fn dot_q6_k<const T: usize>(row: &[u8], toks: &[Token; T]) -> 
                 )
             };
             // Chunk k of 32 values: nibble k/2 of b1 (k even) or b2 (k odd), bits 2k..2k+2 of h.
-            let high = |shifted: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(shifted, low2));
-            let q = [
-                _mm256_or_si256(_mm256_and_si256(b1, low4), high(h)),
-                _mm256_or_si256(_mm256_and_si256(b2, low4), high(_mm256_srli_epi16::<2>(h))),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(b1), low4),
-                    high(_mm256_srli_epi16::<4>(h)),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(b2), low4),
-                    high(_mm256_srli_epi16::<6>(h)),
-                ),
-            ];
-            for (k, &q) in q.iter().enumerate() {
+            // Unpacked one chunk at a time, to leave registers for eight tokens' sums.
+            let level = |k: usize| {
+                let shift =
+                    |v: __m256i, by: usize| _mm256_srl_epi16(v, _mm_cvtsi32_si128(by as i32));
+                let low = _mm256_and_si256(
+                    shift(if k.is_multiple_of(2) { b1 } else { b2 }, 4 * (k / 2)),
+                    low4,
+                );
+                let high = _mm256_and_si256(shift(h, 2 * k), low2);
+                _mm256_or_si256(low, _mm256_slli_epi16::<4>(high))
+            };
+            for (k, shuffle) in K6_SCALE_SHUFFLES.iter().enumerate() {
+                let q = level(k);
                 // Chunk k spans sub-blocks 2k (low lane of maddubs' output) and 2k + 1 (high lane).
-                let s = _mm256_shuffle_epi8(scales, control(&K6_SCALE_SHUFFLES[k]));
+                let s = _mm256_shuffle_epi8(scales, control(shuffle));
                 for t in 0..T {
                     // SAFETY: check_tokens: every token holds nb * 256 quants.
                     let a = unsafe { load(toks[t].qs.as_ptr().add(QK_K * i + 128 * n + 32 * k)) };
