@@ -5,9 +5,12 @@ count, in one run (the machine drifts between runs), with the ratio tiefsee / ll
 llama.cpp runs in-process through llama-cpp-python (0.3.36; it builds its own llama.cpp): `Llama(path,
 n_threads=T, n_threads_batch=T, n_ctx=depth+max(p,n), n_batch=n_ubatch=p)`, one warm-up of each test, then per
 repetition: a fresh context (`reset()` and the KV cache cleared), `depth` random tokens evaluated untimed, then
-pp = one `eval` of p random tokens, tg = n `eval` calls of one random token each. The FIELD-NOTES measured this
+pp = one `eval` of p random tokens, tg = n `eval` calls of one random token each (the depth tokens are evaluated
+once and the state restored before each test, as `tiefsee bench` copies its cache). The FIELD-NOTES measured this
 within noise of `llama-bench -p 512 -n 128`. tiefsee runs as `tiefsee bench --json` with the same p, n, depth,
-threads and repetitions, after llama.cpp's model is freed.
+threads and repetitions, after llama.cpp's model is freed. Decode is also put against the memory-bandwidth
+roofline `tiefsee bench` reports: the bytes one token reads (its active weights as stored plus the cache rows
+it attends to) into the read bandwidth measured in the same run.
 
 Usage:
   .venv/bin/python bench/compare_llamacpp.py FILE.gguf [FILE.gguf ...] [-p 512] [-n 128] [-t 2] [-r 3]
@@ -38,7 +41,7 @@ def mean_std(samples: list[float]) -> tuple[float, float]:
 def llama_cpp_bench(path: Path, p: int, n: int, depth: int, threads: int, reps: int) -> dict:
     from llama_cpp import Llama, llama_cpp  # noqa: PLC0415
 
-    batch = max(p, 1)
+    batch = max(p, 512 if depth else 1)
     llm = Llama(
         str(path),
         n_ctx=depth + max(p, n) + 8,
@@ -54,11 +57,15 @@ def llama_cpp_bench(path: Path, p: int, n: int, depth: int, threads: int, reps: 
     prompt = rng.integers(0, vocab, p).tolist()
     gen = rng.integers(0, vocab, max(n, 1)).tolist()
 
+    # The depth tokens are evaluated once; every test starts from a copy of that state.
+    llm.reset()
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+    if depth_tokens:
+        llm.eval(depth_tokens)
+    at_depth = llm.save_state()
+
     def fresh() -> None:
-        llm.reset()
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
-        if depth_tokens:
-            llm.eval(depth_tokens)
+        llm.load_state(at_depth)
 
     def pp() -> float:
         fresh()
@@ -90,7 +97,9 @@ def tiefsee_bench(tiefsee: Path, path: Path, p: int, n: int, depth: int, threads
            "-r", str(reps), "--depth", str(depth), "--json"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     v = json.loads(out)
-    return {"pp": v["pp_samples"], "tg": v["tg_samples"], "kv_bytes_per_token": v["kv_bytes_per_token"]}
+    return {"pp": v["pp_samples"], "tg": v["tg_samples"], "kv_bytes_per_token": v["kv_bytes_per_token"],
+            "roofline_tps": v.get("tg_roofline_tps"), "read_bandwidth_gbs": v.get("read_bandwidth_gbs"),
+            "decode_bytes_per_token": v.get("decode_bytes_per_token")}
 
 
 def main() -> int:
@@ -121,16 +130,23 @@ def main() -> int:
             if count <= 0:
                 continue
             (pm, ps), (tm, ts) = mean_std(peer[test]), mean_std(ours[test])
-            rows.append((path.name, f"{test}{count}{at}", f"{pm:.2f} ± {ps:.2f}", f"{tm:.2f} ± {ts:.2f}", tm / pm))
+            roof = ours["roofline_tps"] if test == "tg" else None
+            of_roof = f"{100 * pm / roof:.0f}% / {100 * tm / roof:.0f}%" if roof else ""
+            rows.append((path.name, f"{test}{count}{at}", f"{pm:.2f} ± {ps:.2f}", f"{tm:.2f} ± {ts:.2f}", tm / pm,
+                         of_roof))
             results.append({"model": str(path), "test": test, "tokens": count, "depth": args.depth,
                             "threads": args.threads, "llama_cpp_tps": peer[test], "tiefsee_tps": ours[test],
-                            "ratio": tm / pm, "kv_bytes_per_token": ours["kv_bytes_per_token"]})
+                            "ratio": tm / pm, "kv_bytes_per_token": ours["kv_bytes_per_token"],
+                            "roofline_tps": roof, "read_bandwidth_gbs": ours["read_bandwidth_gbs"],
+                            "decode_bytes_per_token": ours["decode_bytes_per_token"]})
 
-    header = ("model", "test", "llama.cpp t/s", "tiefsee t/s", "tiefsee / llama.cpp")
-    rows = [(*r[:4], f"{r[4]:.2f}x") for r in rows]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
+    header = ("model", "test", "llama.cpp t/s", "tiefsee t/s", "tiefsee / llama.cpp", "of roofline (llama.cpp / tiefsee)")
+    rows = [(*r[:4], f"{r[4]:.2f}x", r[5]) for r in rows]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(6)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    print(f"threads {args.threads}, repetitions {args.repetitions}")
+    bandwidths = [r["read_bandwidth_gbs"] for r in results if r["read_bandwidth_gbs"]]
+    measured = f", read bandwidth {min(bandwidths):.1f}-{max(bandwidths):.1f} GB/s" if bandwidths else ""
+    print(f"threads {args.threads}, repetitions {args.repetitions}{measured}")
     print(line(header))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
