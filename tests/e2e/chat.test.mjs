@@ -118,7 +118,7 @@ describe("chat page", () => {
   });
 
   it("stops a long answer and returns to idle", async () => {
-    const { page, errors } = await openPage(URL_V3, { maxTokens: 480 });
+    const { page, errors } = await openPage(URL_V3, { maxTokens: 16000 });
     const cancelledBefore = await metric(URL_V3, "tiefsee_requests_cancelled_total");
     await page.click("#new-chat");
     await ask(page, "Write a very long story.");

@@ -4,10 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if ! command -v chromium >/dev/null; then
-    sudo_=""
-    [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+sudo_=""
+[ "$(id -u)" -eq 0 ] || sudo_="sudo"
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v npm >/dev/null || missing+=(nodejs npm)
+if [ ${#missing[@]} -gt 0 ]; then
     $sudo_ apt-get update
-    $sudo_ apt-get install -y chromium
+    $sudo_ apt-get install -y "${missing[@]}"
 fi
 npm ci --no-audit --no-fund

@@ -33,6 +33,16 @@ tokenizer.chat_template = fs.readFileSync(template, "utf8");
 fs.writeFileSync(config, JSON.stringify(tokenizer, null, 2));
 ' "$work/deepseek-r1/tokenizer_config.json" tests/fixtures/templates/deepseek-r1.jinja
 
+# deepseek-v3 with a longer context, so that the stop test's answer is still streaming when it clicks Stop
+# (the fixture decodes thousands of tokens a second; its 512 would be over before the click).
+cp -r tests/fixtures/models/deepseek-v3 "$work/deepseek-v3"
+node -e '
+const fs = require("fs");
+const config = JSON.parse(fs.readFileSync(process.argv[1], "utf8"));
+config.max_position_embeddings = 16384;
+fs.writeFileSync(process.argv[1], JSON.stringify(config, null, 2));
+' "$work/deepseek-v3/config.json"
+
 free_port() {
     node -e 'const s = require("net").createServer(); s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });'
 }
@@ -58,7 +68,7 @@ serve() {
     exit 1
 }
 
-serve v3 tests/fixtures/models/deepseek-v3
+serve v3 "$work/deepseek-v3" --ctx 16384
 TIEFSEE_URL="$url"
 TIEFSEE_R1_KEY="e2e-key"
 serve r1 "$work/deepseek-r1" --api-key "$TIEFSEE_R1_KEY"
