@@ -47,7 +47,11 @@ pub fn info(args: InfoArgs) -> anyhow::Result<()> {
         );
     }
     println!("stored dtypes           {}", info.stored_dtypes.join(", "));
-    println!("compute / cache dtype   {}", info.cache_dtype);
+    println!(
+        "weights read per token  {:.1} MB (as stored; what bounds decoding by memory bandwidth)",
+        info.weight_bytes_per_token as f64 / 1e6
+    );
+    println!("KV cache dtype          {}", info.cache_dtype);
     println!(
         "KV cache per token      {} bytes (full multi-head attention would need {}, {:.1}x more)",
         info.kv_bytes_per_token,
