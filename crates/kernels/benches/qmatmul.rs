@@ -6,13 +6,17 @@
 //! time). Each figure is the best of several timed runs, since a shared 2-core VM is noisy. Weights
 //! are random bytes with a fixed, finite block scale: the kernels' speed does not depend on the values,
 //! and quantizing hundreds of millions of values first would take longer than the benchmark.
+//!
+//! `-- experts` (or a full run) also times one decode step's experts of a DeepSeek-V2-Lite MoE layer:
+//! 18 Q8_0 matrices (gate and up 1408x2048, down 2048x1408, of 6 experts) one call at a time against
+//! two batches (all gates and ups, then all downs) as `Moe` runs them.
 
 use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QMatMul, ggml_file::qtensor_from_ggml};
 use candle_core::{Device, Module, Tensor};
 use tiefsee_gguf::GgmlType;
-use tiefsee_kernels::{QMatrix, WeightBytes};
+use tiefsee_kernels::{MatmulJob, QMatrix, WeightBytes, matmul_batch};
 
 /// Random bytes (xorshift) shaped as `rows` rows of `ty`, every f16 block scale set to a small value.
 fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
@@ -83,6 +87,7 @@ fn main() {
     let only_shape = args
         .iter()
         .find(|a| a.contains('x') && a.starts_with(|c: char| c.is_ascii_digit()));
+    let experts_only = args.iter().any(|a| a == "experts");
     let only_type = args
         .iter()
         .find_map(|a| GgmlType::ALL.into_iter().find(|t| t.name() == a));
@@ -104,6 +109,12 @@ fn main() {
         "GFLOP/s",
         "speedup"
     );
+    if experts_only || (!quick && only_shape.is_none() && only_type.is_none()) {
+        bench_experts();
+    }
+    if experts_only {
+        return;
+    }
     let types = [
         GgmlType::Q8_0,
         GgmlType::Q4_K,
@@ -190,5 +201,71 @@ fn main() {
                 );
             }
         }
+    }
+}
+
+/// One token through 6 experts' gate and up (1408x2048), then their down (2048x1408), all Q8_0: 18
+/// calls against two batches. Gates and ups share their input, as in a MoE layer.
+fn bench_experts() {
+    let ty = GgmlType::Q8_0;
+    let (inter, hidden, experts) = (1408, 2048, 6);
+    let matrix = |rows, cols| {
+        QMatrix::new(
+            ty,
+            rows,
+            cols,
+            WeightBytes::from_vec(weights(ty, rows, cols)),
+        )
+        .expect("matrix")
+    };
+    let gate_up: Vec<QMatrix> = (0..2 * experts).map(|_| matrix(inter, hidden)).collect();
+    let down: Vec<QMatrix> = (0..experts).map(|_| matrix(hidden, inter)).collect();
+    let x: Vec<f32> = (0..hidden)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let h: Vec<Vec<f32>> = (0..experts)
+        .map(|e| {
+            (0..inter)
+                .map(|i| ((i * 31 + e) % 100) as f32 / 50.0 - 1.0)
+                .collect()
+        })
+        .collect();
+    let mut mid = vec![vec![0f32; inter]; 2 * experts];
+    let mut out = vec![vec![0f32; hidden]; experts];
+    let budget = Duration::from_millis(100);
+    let one_by_one = best_of(RUNS, budget, || {
+        for (m, o) in gate_up.iter().zip(&mut mid) {
+            m.matmul(&x, o).expect("matmul");
+        }
+        for ((m, h), o) in down.iter().zip(&h).zip(&mut out) {
+            m.matmul(h, o).expect("matmul");
+        }
+    });
+    let batched = best_of(RUNS, budget, || {
+        let mut jobs: Vec<MatmulJob> = gate_up
+            .iter()
+            .zip(&mut mid)
+            .map(|(matrix, out)| MatmulJob { matrix, x: &x, out })
+            .collect();
+        matmul_batch(&mut jobs).expect("batch");
+        let mut jobs: Vec<MatmulJob> = down
+            .iter()
+            .zip(&h)
+            .zip(&mut out)
+            .map(|((matrix, x), out)| MatmulJob { matrix, x, out })
+            .collect();
+        matmul_batch(&mut jobs).expect("batch");
+    });
+    let gb = (gate_up.iter().chain(&down))
+        .map(|m| m.row_bytes() * m.rows())
+        .sum::<usize>() as f64
+        / 1e9;
+    for (name, t) in [("18 calls", one_by_one), ("2 batches", batched)] {
+        let secs = t.as_secs_f64();
+        println!(
+            "experts {name:<9}: {:>7.3} ms {:>6.1} GB/s",
+            secs * 1e3,
+            gb / secs
+        );
     }
 }

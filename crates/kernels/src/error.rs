@@ -72,4 +72,12 @@ pub enum KernelError {
         /// Values the output has.
         found: usize,
     },
+    /// One job of a batch of products is malformed.
+    #[error("job {index} of the batch: {source}")]
+    Job {
+        /// Position of the job in the batch.
+        index: usize,
+        /// What is wrong with it.
+        source: Box<KernelError>,
+    },
 }

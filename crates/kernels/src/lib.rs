@@ -11,4 +11,4 @@ pub mod qmatmul;
 
 pub use attention::{AttentionError, CacheFormat, RowLayout, RowPool, attend};
 pub use error::KernelError;
-pub use qmatmul::{QMatrix, WeightBytes};
+pub use qmatmul::{MatmulJob, QMatrix, WeightBytes, matmul_batch};

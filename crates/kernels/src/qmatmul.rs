@@ -153,9 +153,14 @@ const K_CHUNK: usize = 2048;
 /// Largest row tile in a prefill: it should stay in L2 while every token group passes over it.
 const MAX_TILE_BYTES: usize = 128 * 1024;
 
+/// Parallel tasks per thread a batch is cut into, so that two threads finish together.
+const TASKS_PER_THREAD: usize = 4;
+/// Activation values from which a batch's distinct inputs are quantized in parallel.
+const PARALLEL_QUANTIZE_VALUES: usize = 1 << 16;
+
 thread_local! {
-    /// Quantized activations of the calling thread, kept between calls.
-    static SCRATCH: Cell<Activations> = Cell::new(Activations::default());
+    /// Quantized activations of the calling thread, one per distinct input, kept between calls.
+    static SCRATCH: Cell<Vec<Activations>> = const { Cell::new(Vec::new()) };
 }
 
 impl QMatrix {
@@ -261,113 +266,81 @@ impl QMatrix {
 
     /// `out = x W^T`: x is (tokens, cols) row-major f32 and out (tokens, rows), tokens = x.len() / cols.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
-        self.matmul_with(cpu::isa(), x, out)
+        let tokens = self.tokens(x.len(), out.len())?;
+        let job = MatmulJob {
+            matrix: self,
+            x,
+            out,
+        };
+        run_batch(cpu::isa(), &mut [job], &[tokens]);
+        Ok(())
     }
 
-    /// [`QMatrix::matmul`] with kernels for `isa` (or the best the CPU has, if lower).
-    fn matmul_with(&self, isa: Isa, x: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
-        let isa = isa.min(cpu::detected());
-        if !x.len().is_multiple_of(self.cols) {
+    /// Tokens of an input of `len` values, checked against an output of `out_len` values.
+    fn tokens(&self, len: usize, out_len: usize) -> Result<usize, KernelError> {
+        if !len.is_multiple_of(self.cols) {
             return Err(KernelError::InputLength {
-                len: x.len(),
+                len,
                 cols: self.cols,
             });
         }
-        let tokens = x.len() / self.cols;
+        let tokens = len / self.cols;
         let expected = tokens.checked_mul(self.rows);
-        if expected != Some(out.len()) {
+        if expected != Some(out_len) {
             return Err(KernelError::OutputLength {
                 tokens,
                 rows: self.rows,
                 expected: expected.unwrap_or(usize::MAX),
-                found: out.len(),
+                found: out_len,
             });
         }
-        if tokens == 0 || self.rows == 0 {
-            return Ok(());
-        }
-        // Taken, not borrowed: a nested call (a rayon task run while this one waits) gets a fresh one.
-        let mut acts = SCRATCH.take();
-        acts.quantize(self.format.activations(), x, self.cols);
-        let max_group = self.format.max_group();
-        // With many token groups, a prefill goes over the columns in chunks so that one group's
-        // activations stay in L1; with few, whole rows keep the weights streaming from memory in order.
-        let chunk = if tokens.div_ceil(max_group) >= CHUNKED_GROUPS {
+        Ok(tokens)
+    }
+
+    /// Columns per pass: with many token groups, a prefill goes over the columns in chunks so that one
+    /// group's activations stay in L1; with few, whole rows keep the weights streaming from memory in order.
+    fn chunk(&self, tokens: usize) -> usize {
+        if tokens.div_ceil(self.format.max_group()) >= CHUNKED_GROUPS {
             K_CHUNK.min(self.cols)
         } else {
             self.cols
-        };
-        let rows_per_task = self.rows_per_task(tokens, chunk);
-        let groups_per_task = self.groups_per_task(tokens, rows_per_task);
-        let tokens_per_task = groups_per_task * max_group;
-        let row_tasks = self.rows.div_ceil(rows_per_task);
-        let n_tasks = row_tasks * tokens.div_ceil(tokens_per_task);
-        let out = OutPtr(out.as_mut_ptr());
-        let task = |task: usize| {
-            let (row_task, token_task) = (task % row_tasks, task / row_tasks);
-            let rows = row_task * rows_per_task..((row_task + 1) * rows_per_task).min(self.rows);
-            let token_end = ((token_task + 1) * tokens_per_task).min(tokens);
-            for start in (0..self.cols).step_by(chunk) {
-                let cols = start..(start + chunk).min(self.cols);
-                for first in (token_task * tokens_per_task..token_end).step_by(max_group) {
-                    let part = Part {
-                        rows: rows.clone(),
-                        cols: cols.clone(),
-                        first,
-                    };
-                    // SAFETY: this task alone writes the outputs of `rows` for its tokens (tasks
-                    // split rows and tokens), and `out` has tokens * self.rows values (checked above).
-                    unsafe {
-                        match max_group.min(token_end - first) {
-                            1 => self.tile::<1>(isa, &part, &acts, &out),
-                            2 => self.tile::<2>(isa, &part, &acts, &out),
-                            3 => self.tile::<3>(isa, &part, &acts, &out),
-                            4 => self.tile::<4>(isa, &part, &acts, &out),
-                            5 => self.tile::<5>(isa, &part, &acts, &out),
-                            6 => self.tile::<6>(isa, &part, &acts, &out),
-                            7 => self.tile::<7>(isa, &part, &acts, &out),
-                            _ => self.tile::<8>(isa, &part, &acts, &out),
-                        }
-                    }
-                }
-            }
-        };
-        if n_tasks == 1 {
-            task(0);
-        } else {
-            (0..n_tasks).into_par_iter().for_each(task);
         }
-        SCRATCH.set(acts);
-        Ok(())
     }
 
-    /// Rows per parallel task: a few tasks per thread so two threads finish together, none so small
-    /// that scheduling costs more than it computes, and in a prefill tiles whose `chunk` columns stay
-    /// in L2 while every token group passes over them.
-    fn rows_per_task(&self, tokens: usize, chunk: usize) -> usize {
-        let total = self.rows * self.row_bytes();
-        let rows =
-            (total / (4 * rayon::current_num_threads())).max(MIN_TASK_BYTES) / self.row_bytes();
-        let rows = if tokens > self.format.max_group() {
-            let chunk_bytes = self.ty.bytes_for(chunk).unwrap_or(self.row_bytes());
+    /// Work of a product over `tokens`, in weight bytes streamed: the matrix once per token group.
+    fn cost(&self, tokens: usize) -> usize {
+        (self.rows * self.row_bytes()).saturating_mul(tokens.div_ceil(self.format.max_group()))
+    }
+
+    /// Splits the product over `tokens` into about `cost / target` tasks: tiles of rows no smaller than
+    /// [`MIN_TASK_BYTES`] (and, in a prefill, whose `chunk` columns stay in L2 while every token group
+    /// passes over them), then, if the rows alone make too few tasks for a prefill big enough to share
+    /// (a small matrix, such as one head's slice, times many tokens), ranges of token groups.
+    fn plan(&self, tokens: usize, chunk: usize, target: usize) -> TaskGrid {
+        let max_group = self.format.max_group();
+        let wanted = self.cost(tokens).div_ceil(target.max(1)).max(1);
+        let row_bytes = self.row_bytes();
+        let rows = (self.rows * row_bytes / wanted).max(MIN_TASK_BYTES) / row_bytes;
+        let rows = if tokens > max_group {
+            let chunk_bytes = self.ty.bytes_for(chunk).unwrap_or(row_bytes);
             rows.min(MAX_TILE_BYTES / chunk_bytes)
         } else {
             rows
         };
-        rows.clamp(1, self.rows)
-    }
-
-    /// Token groups per parallel task: all of them, unless the rows alone make too few tasks for a
-    /// prefill big enough to share (a small matrix, such as one head's slice, times many tokens).
-    fn groups_per_task(&self, tokens: usize, rows_per_task: usize) -> usize {
-        let groups = tokens.div_ceil(self.format.max_group());
+        let rows_per_task = rows.clamp(1, self.rows);
+        let groups = tokens.div_ceil(max_group);
         let row_tasks = self.rows.div_ceil(rows_per_task);
-        let wanted = 4 * rayon::current_num_threads();
         let macs = (self.rows * self.cols).saturating_mul(tokens);
-        if row_tasks >= wanted || macs < MIN_SPLIT_MACS {
-            return groups;
+        let groups_per_task = if row_tasks >= wanted || macs < MIN_SPLIT_MACS {
+            groups
+        } else {
+            groups.div_ceil(wanted.div_ceil(row_tasks).min(groups))
+        };
+        TaskGrid {
+            rows_per_task,
+            row_tasks,
+            tokens_per_task: groups_per_task * max_group,
         }
-        groups.div_ceil(wanted.div_ceil(row_tasks).min(groups))
     }
 
     /// Outputs of tokens `part.first..part.first + T` for weight rows `part.rows`, summed over columns
@@ -421,6 +394,163 @@ impl QMatrix {
         };
         each_row(&|row| std::array::from_fn(|k| dot(row, &toks[k])));
     }
+}
+
+/// One product of a batch: `out = x W^T` for `matrix`, x (tokens, cols) and out (tokens, rows).
+pub struct MatmulJob<'a> {
+    /// The weights.
+    pub matrix: &'a QMatrix,
+    /// (tokens, cols) row-major activations; jobs may share one slice (it is quantized once).
+    pub x: &'a [f32],
+    /// (tokens, rows) row-major outputs.
+    pub out: &'a mut [f32],
+}
+
+/// Runs every job, splitting all their row tiles over the threads at once: one parallel region
+/// (and one wait for the slowest thread) for the batch instead of one per product. Each output is
+/// computed exactly as [`QMatrix::matmul`] computes it alone.
+pub fn matmul_batch(jobs: &mut [MatmulJob<'_>]) -> Result<(), KernelError> {
+    matmul_batch_with(cpu::isa(), jobs)
+}
+
+/// [`matmul_batch`] with kernels for `isa` (or the best the CPU has, if lower).
+fn matmul_batch_with(isa: Isa, jobs: &mut [MatmulJob<'_>]) -> Result<(), KernelError> {
+    let tokens = jobs
+        .iter()
+        .enumerate()
+        .map(|(index, j)| {
+            j.matrix
+                .tokens(j.x.len(), j.out.len())
+                .map_err(|e| KernelError::Job {
+                    index,
+                    source: Box::new(e),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    run_batch(isa, jobs, &tokens);
+    Ok(())
+}
+
+/// Runs `jobs`, whose sizes are checked and whose token counts are `tokens`, in one parallel region.
+fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
+    let isa = isa.min(cpu::detected());
+    // Each distinct input, by address, length, width and activation format, is quantized once.
+    let mut inputs: Vec<(&[f32], usize, ActFormat)> = Vec::new();
+    let input_of: Vec<usize> = jobs
+        .iter()
+        .map(|j| {
+            let key = (j.x, j.matrix.cols, j.matrix.format.activations());
+            let same = |&(x, cols, format): &(&[f32], usize, ActFormat)| {
+                std::ptr::eq(x, key.0) && cols == key.1 && format == key.2
+            };
+            inputs.iter().position(same).unwrap_or_else(|| {
+                inputs.push(key);
+                inputs.len() - 1
+            })
+        })
+        .collect();
+    // Taken, not borrowed: a nested call (a rayon task run while this one waits) gets fresh ones.
+    let mut acts = SCRATCH.take();
+    if acts.len() < inputs.len() {
+        acts.resize_with(inputs.len(), Activations::default);
+    }
+    let values: usize = inputs.iter().map(|(x, _, _)| x.len()).sum();
+    let quantize = |(a, &(x, cols, format)): (&mut Activations, &(&[f32], usize, ActFormat))| {
+        a.quantize(format, x, cols)
+    };
+    if inputs.len() > 1 && values >= PARALLEL_QUANTIZE_VALUES {
+        acts.par_iter_mut().zip(&inputs).for_each(quantize);
+    } else {
+        acts.iter_mut().zip(&inputs).for_each(quantize);
+    }
+    let chunks: Vec<usize> = jobs
+        .iter()
+        .zip(tokens)
+        .map(|(j, &t)| j.matrix.chunk(t))
+        .collect();
+    // Tasks of about equal work across the whole batch: a few per thread, so the threads finish together.
+    let total: usize = jobs
+        .iter()
+        .zip(tokens)
+        .map(|(j, &t)| j.matrix.cost(t))
+        .sum();
+    let target = total / (TASKS_PER_THREAD * rayon::current_num_threads());
+    let mut tasks = Vec::new();
+    for (job, (j, &t)) in jobs.iter().zip(tokens).enumerate() {
+        if t == 0 || j.matrix.rows == 0 {
+            continue;
+        }
+        let grid = j.matrix.plan(t, chunks[job], target);
+        for token_start in (0..t).step_by(grid.tokens_per_task) {
+            for row_task in 0..grid.row_tasks {
+                let rows = row_task * grid.rows_per_task
+                    ..((row_task + 1) * grid.rows_per_task).min(j.matrix.rows);
+                tasks.push(Task {
+                    job,
+                    rows,
+                    tokens: token_start..(token_start + grid.tokens_per_task).min(t),
+                });
+            }
+        }
+    }
+    let matrices: Vec<&QMatrix> = jobs.iter().map(|j| j.matrix).collect();
+    let outs: Vec<OutPtr> = jobs
+        .iter_mut()
+        .map(|j| OutPtr(j.out.as_mut_ptr()))
+        .collect();
+    let run = |task: &Task| {
+        let m = matrices[task.job];
+        let a = &acts[input_of[task.job]];
+        let chunk = chunks[task.job];
+        let max_group = m.format.max_group();
+        for start in (0..m.cols).step_by(chunk) {
+            let cols = start..(start + chunk).min(m.cols);
+            for first in task.tokens.clone().step_by(max_group) {
+                let part = Part {
+                    rows: task.rows.clone(),
+                    cols: cols.clone(),
+                    first,
+                };
+                let out = &outs[task.job];
+                // SAFETY: this task alone writes the outputs of its rows for its tokens (tasks split
+                // each job's rows and tokens, jobs' outputs are distinct `&mut` slices), and the
+                // output has tokens * rows values (checked above).
+                unsafe {
+                    match max_group.min(task.tokens.end - first) {
+                        1 => m.tile::<1>(isa, &part, a, out),
+                        2 => m.tile::<2>(isa, &part, a, out),
+                        3 => m.tile::<3>(isa, &part, a, out),
+                        4 => m.tile::<4>(isa, &part, a, out),
+                        5 => m.tile::<5>(isa, &part, a, out),
+                        6 => m.tile::<6>(isa, &part, a, out),
+                        7 => m.tile::<7>(isa, &part, a, out),
+                        _ => m.tile::<8>(isa, &part, a, out),
+                    }
+                }
+            }
+        }
+    };
+    if tasks.len() == 1 {
+        run(&tasks[0]);
+    } else {
+        tasks.par_iter().for_each(run);
+    }
+    SCRATCH.set(acts);
+}
+
+/// How one job is cut into tasks: tiles of rows times ranges of tokens.
+struct TaskGrid {
+    rows_per_task: usize,
+    row_tasks: usize,
+    /// A multiple of the format's token group.
+    tokens_per_task: usize,
+}
+
+/// One parallel task of a batch: weight rows `rows` of job `job` for tokens `tokens`.
+struct Task {
+    job: usize,
+    rows: Range<usize>,
+    tokens: Range<usize>,
 }
 
 /// The output buffer, written by several tasks at disjoint indices.

@@ -11,7 +11,7 @@
 //! through the same checks (the unit tests compare the two directly).
 
 use tiefsee_gguf::{GgmlType, QK_K, dequantize, quantize};
-use tiefsee_kernels::{KernelError, QMatrix, WeightBytes};
+use tiefsee_kernels::{KernelError, MatmulJob, QMatrix, WeightBytes, matmul_batch};
 
 const TYPES: [GgmlType; 8] = [
     GgmlType::Q4_0,
@@ -248,4 +248,114 @@ fn size_errors_are_returned() {
         message.contains("33") && message.contains("32"),
         "{message}"
     );
+}
+
+/// Runs `matrices[i]` over `inputs[i]` one call at a time and as one batch; the two must agree exactly.
+fn batch_equals_one_by_one(matrices: &[&QMatrix], inputs: &[&[f32]]) {
+    let sizes: Vec<usize> = matrices
+        .iter()
+        .zip(inputs)
+        .map(|(m, x)| x.len() / m.cols() * m.rows())
+        .collect();
+    let alone: Vec<Vec<f32>> = matrices
+        .iter()
+        .zip(inputs)
+        .zip(&sizes)
+        .map(|((m, x), &n)| {
+            let mut out = vec![0f32; n];
+            m.matmul(x, &mut out).unwrap();
+            out
+        })
+        .collect();
+    let mut outs: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![f32::NAN; n]).collect();
+    let mut jobs: Vec<MatmulJob> = matrices
+        .iter()
+        .zip(inputs)
+        .zip(&mut outs)
+        .map(|((matrix, x), out)| MatmulJob { matrix, x, out })
+        .collect();
+    matmul_batch(&mut jobs).unwrap();
+    for (i, (a, b)) in alone.iter().zip(&outs).enumerate() {
+        assert_eq!(a, b, "job {i}");
+    }
+}
+
+#[test]
+fn a_batch_equals_its_products_one_by_one() {
+    // Mixed types, shapes and token counts (decode, a few tokens, a chunked prefill), in one region.
+    let shapes = [
+        (GgmlType::Q8_0, 300, 512, 1),
+        (GgmlType::Q4_K, 64, 768, 1),
+        (GgmlType::Q6_K, 200, 256, 5),
+        (GgmlType::Q5_0, 17, 4096, 3),
+        (GgmlType::Q4_1, 1000, 2048, 1),
+        (GgmlType::Q8_0, 128, 4096, 40),
+        (GgmlType::Q5_K, 33, 512, 0),
+    ];
+    let ms: Vec<QMatrix> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(ty, rows, cols, _))| matrix(ty, rows, cols, 20 + i as u64).0)
+        .collect();
+    let xs: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, _, cols, tokens))| values(tokens * cols, 40 + i as u64, 1.0))
+        .collect();
+    let matrices: Vec<&QMatrix> = ms.iter().collect();
+    let inputs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+    batch_equals_one_by_one(&matrices, &inputs);
+    batch_equals_one_by_one(&matrices[..1], &inputs[..1]);
+    batch_equals_one_by_one(&[], &[]);
+}
+
+#[test]
+fn jobs_sharing_an_input_quantize_it_once_and_agree() {
+    // An expert's gate and up read the same activations; so do weights of both activation formats.
+    let (gate, _) = matrix(GgmlType::Q8_0, 96, 512, 1);
+    let (up, _) = matrix(GgmlType::Q8_0, 96, 512, 2);
+    let (k_quant, _) = matrix(GgmlType::Q4_K, 40, 512, 3);
+    let (wide, _) = matrix(GgmlType::Q8_0, 8, 1024, 4);
+    let x = values(4 * 512, 5, 1.0);
+    let matrices = [&gate, &up, &k_quant, &wide, &gate];
+    // `wide` reads the same buffer as 2 tokens of 1024 columns.
+    let inputs: [&[f32]; 5] = [&x, &x, &x, &x, &x[..512]];
+    batch_equals_one_by_one(&matrices, &inputs);
+}
+
+#[test]
+fn batch_size_errors_name_the_job() {
+    let (m, _) = matrix(GgmlType::Q8_0, 2, 32, 1);
+    let x = [0.5f32; 32];
+    let (mut good, mut bad) = (vec![0f32; 2], vec![7f32; 3]);
+    let mut jobs = [
+        MatmulJob {
+            matrix: &m,
+            x: &x,
+            out: &mut good,
+        },
+        MatmulJob {
+            matrix: &m,
+            x: &x,
+            out: &mut bad,
+        },
+    ];
+    let err = matmul_batch(&mut jobs).unwrap_err();
+    assert!(
+        matches!(&err, KernelError::Job { index: 1, source } if matches!(**source, KernelError::OutputLength { expected: 2, found: 3, .. })),
+        "{err}"
+    );
+    assert!(err.to_string().starts_with("job 1 of the batch"), "{err}");
+    // Nothing ran: errors are found before any product.
+    assert_eq!(good, [0.0; 2]);
+    assert_eq!(bad, [7.0; 3]);
+    let mut jobs = [MatmulJob {
+        matrix: &m,
+        x: &x[..31],
+        out: &mut good,
+    }];
+    assert!(matches!(
+        matmul_batch(&mut jobs),
+        Err(KernelError::Job { index: 0, source }) if matches!(*source, KernelError::InputLength { len: 31, cols: 32 })
+    ));
 }

@@ -3,7 +3,7 @@
 //! Activations are 2-D, `(tokens, features)`, in f32; weights keep the checkpoint's `(out, in)` layout.
 
 use candle_core::{D, Device, Tensor};
-use tiefsee_kernels::QMatrix;
+use tiefsee_kernels::{MatmulJob, QMatrix, matmul_batch};
 
 use crate::error::{ModelError, Result};
 use crate::weights::Weights;
@@ -51,17 +51,80 @@ impl Linear {
         &self.weight
     }
 
+    /// The weight when it is quantized and there is no bias: the map is then a bare product.
+    pub fn quantized(&self) -> Option<&QMatrix> {
+        match (&self.weight, &self.bias) {
+            (LinearWeight::Quantized(q), None) => Some(q),
+            _ => None,
+        }
+    }
+
     /// (tokens, in) -> (tokens, out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
             LinearWeight::Quantized(q) => quantized_matmul(q, x)?,
         };
+        self.add_bias(y)
+    }
+
+    /// `y + b` when there is a bias.
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
+}
+
+/// `linears[i].forward(x)` for every `i`, the quantized ones as one batch of products (one parallel
+/// region, the input quantized once): the same values as one call each.
+pub fn forward_all<const N: usize>(linears: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+    let quantized = linears
+        .iter()
+        .filter(|l| matches!(l.weight, LinearWeight::Quantized(_)))
+        .count();
+    let mut ys = Vec::with_capacity(N);
+    if quantized < 2 {
+        for linear in linears {
+            ys.push(linear.forward(x)?);
+        }
+    } else {
+        let tokens = x.dim(0)?;
+        let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut outs: Vec<Vec<f32>> = linears
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Quantized(q) => vec![0f32; tokens * q.rows()],
+                LinearWeight::Dense(_) => Vec::new(),
+            })
+            .collect();
+        let mut jobs: Vec<MatmulJob> = linears
+            .iter()
+            .zip(&mut outs)
+            .filter_map(|(l, out)| match &l.weight {
+                LinearWeight::Quantized(matrix) => Some(MatmulJob {
+                    matrix,
+                    x: &input,
+                    out,
+                }),
+                LinearWeight::Dense(_) => None,
+            })
+            .collect();
+        matmul_batch(&mut jobs)?;
+        for (linear, out) in linears.into_iter().zip(outs) {
+            ys.push(match &linear.weight {
+                LinearWeight::Quantized(q) => {
+                    linear.add_bias(Tensor::from_vec(out, (tokens, q.rows()), x.device())?)?
+                }
+                LinearWeight::Dense(_) => linear.forward(x)?,
+            });
+        }
+    }
+    let mut ys = ys.into_iter();
+    Ok(std::array::from_fn(|_| {
+        ys.next().expect("one output per linear map")
+    }))
 }
 
 /// (tokens, in) f32 -> (tokens, out) through the quantized kernels.
@@ -195,11 +258,29 @@ impl Mlp {
         }
     }
 
+    /// The three (out, in) weights `[gate, up, down]` when all are quantized and none has a bias.
+    pub fn quantized(&self) -> Option<[&QMatrix; 3]> {
+        Some([
+            self.gate.quantized()?,
+            self.up.quantized()?,
+            self.down.quantized()?,
+        ])
+    }
+
     /// (tokens, hidden) -> (tokens, hidden)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(gate * self.up.forward(x)?)?)
+        let [gate, up] = forward_all([&self.gate, &self.up], x)?;
+        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
+}
+
+/// `silu(gate) * up`, elementwise, with candle's formulas for f32 (`v / (1 + e^-v)`, then a product),
+/// so that it equals [`Mlp::forward`]'s tensor ops bit for bit.
+pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter()
+        .zip(up)
+        .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+        .collect()
 }
 
 /// Additive causal mask (queries, keys) for queries at positions `start .. start + queries`

@@ -4,7 +4,7 @@
 use tiefsee_gguf::{GgmlType, QK_K, quantize};
 
 use super::activations::{ActFormat, Activations, Token};
-use super::{Format, QMatrix, WeightBytes, scalar};
+use super::{Format, MatmulJob, QMatrix, WeightBytes, matmul_batch_with, scalar};
 use crate::cpu::{self, Isa};
 
 /// Deterministic normal-ish values (xorshift and a sum of uniforms), scaled by `scale`.
@@ -168,8 +168,14 @@ fn avx2_matmul_matches_scalar_matmul() {
         for tokens in [1, 3, 6, 17] {
             let x = values(tokens * cols, tokens as u64, 1.0);
             let (mut fast, mut slow) = (vec![0f32; tokens * rows], vec![0f32; tokens * rows]);
-            m.matmul_with(Isa::Avx2, &x, &mut fast).unwrap();
-            m.matmul_with(Isa::Scalar, &x, &mut slow).unwrap();
+            for (isa, out) in [(Isa::Avx2, &mut fast), (Isa::Scalar, &mut slow)] {
+                let job = MatmulJob {
+                    matrix: &m,
+                    x: &x,
+                    out,
+                };
+                matmul_batch_with(isa, &mut [job]).unwrap();
+            }
             let scale = slow.iter().fold(0f32, |a, v| a.max(v.abs()));
             for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
                 assert!(

@@ -7,14 +7,14 @@
 //! attention runs directly over the latent. Both give the same result; tests hold one to the other.
 
 use candle_core::Tensor;
-use tiefsee_kernels::QMatrix;
 use tiefsee_kernels::attention::RowLayout;
+use tiefsee_kernels::{MatmulJob, QMatrix, matmul_batch};
 
 use crate::Segment;
 use crate::cache::{AttentionQuery, KvStore};
 use crate::config::DeepSeekConfig;
 use crate::error::Result;
-use crate::nn::{Linear, LinearWeight, RmsNorm, causal_mask, masked_softmax, quantized_matmul};
+use crate::nn::{Linear, LinearWeight, RmsNorm, causal_mask, forward_all, masked_softmax};
 use crate::rope::{RopeStyle, RotaryEmbedding};
 use crate::weights::Weights;
 
@@ -176,14 +176,18 @@ impl Mla {
         path: MlaPath,
     ) -> Result<Tensor> {
         let h = self.heads;
-        // Projections run once over all tokens of the batch, so weights are read once per step.
-        let q = match &self.query {
-            QueryProjection::Plain(proj) => proj.forward(x)?,
-            QueryProjection::LowRank { down, norm, up } => {
-                up.forward(&norm.forward(&down.forward(x)?)?)?
+        // Projections run once over all tokens of the batch, so weights are read once per step; the
+        // two that read the hidden state run together.
+        let (q, kv) = match &self.query {
+            QueryProjection::Plain(proj) => {
+                let [q, kv] = forward_all([proj, &self.kv_down], x)?;
+                (q, kv)
             }
-        }; // (tokens, heads * qk)
-        let kv = self.kv_down.forward(x)?; // (tokens, kv_lora_rank + rope)
+            QueryProjection::LowRank { down, norm, up } => {
+                let [q_a, kv] = forward_all([down, &self.kv_down], x)?;
+                (up.forward(&norm.forward(&q_a)?)?, kv)
+            }
+        }; // (tokens, heads * qk), (tokens, kv_lora_rank + rope)
         let c_kv = self.kv_norm.forward(&kv.narrow(1, 0, self.kv_lora_rank)?)?;
         let tokens = x.dim(0)?;
         // RoPE and the absorbed key projection also run once for the whole batch: the position of
@@ -347,15 +351,23 @@ impl Mla {
     }
 }
 
-/// `x[h]` (tokens, in) through `matrices[h]` (out, in) for every head: (heads, tokens, in) ->
-/// (heads, tokens, out).
+/// `x[h]` (tokens, in) through `matrices[h]` (out, in) for every head, as one batch of products:
+/// (heads, tokens, in) -> (heads, tokens, out).
 fn per_head(matrices: &[QMatrix], x: &Tensor) -> Result<Tensor> {
-    let outputs = matrices
-        .iter()
-        .enumerate()
-        .map(|(h, m)| quantized_matmul(m, &x.get(h)?.contiguous()?))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&outputs, 0)?)
+    let (heads, tokens, in_dim) = x.dims3()?;
+    let out_dim = matrices.first().map_or(0, QMatrix::rows);
+    let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let mut out = vec![0f32; heads * tokens * out_dim];
+    if !out.is_empty() && !input.is_empty() {
+        let mut jobs: Vec<MatmulJob> = matrices
+            .iter()
+            .zip(input.chunks_exact(tokens * in_dim))
+            .zip(out.chunks_exact_mut(tokens * out_dim))
+            .map(|((matrix, x), out)| MatmulJob { matrix, x, out })
+            .collect();
+        matmul_batch(&mut jobs)?;
+    }
+    Ok(Tensor::from_vec(out, (heads, tokens, out_dim), x.device())?)
 }
 
 /// Cache elements per token of MLA (latent plus RoPE key) and of the multi-head attention it replaces.

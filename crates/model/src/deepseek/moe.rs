@@ -10,8 +10,10 @@
 use candle_core::{D, DType, Tensor};
 
 use crate::config::{DeepSeekConfig, DeepSeekVersion, ScoringFunc, TopkMethod};
+use tiefsee_kernels::{MatmulJob, QMatrix, matmul_batch};
+
 use crate::error::{ModelError, Result};
-use crate::nn::Mlp;
+use crate::nn::{Mlp, swiglu};
 use crate::weights::Weights;
 
 /// Expert selection for one token: `(expert index, weight)` pairs.
@@ -241,6 +243,37 @@ impl Moe {
         let all_scores = self.router.scores(&logits)?; // (tokens, experts)
         let scores = all_scores.gather(&chosen, 1)?; // (tokens, top_k)
         let weights = self.router.weights(&scores)?.flatten_all()?;
+        let out = if self.is_quantized() {
+            self.forward_quantized(x, &per_expert, &weights.to_vec1()?)?
+        } else {
+            self.forward_dense(x, per_expert, &weights)?
+        };
+        Ok((
+            out,
+            RoutingTrace {
+                scores: all_scores,
+                chosen: trace_chosen,
+                top_k,
+            },
+        ))
+    }
+
+    /// Whether every expert, shared ones included, is a bare quantized product (a quantized GGUF).
+    fn is_quantized(&self) -> bool {
+        self.experts
+            .iter()
+            .chain(&self.shared)
+            .all(|e| e.quantized().is_some())
+    }
+
+    /// The experts as tensor ops, differentiable: each routed expert's output, times its weight from
+    /// `weights` (tokens * top_k), is added to the shared experts' output at its tokens.
+    fn forward_dense(
+        &self,
+        x: &Tensor,
+        per_expert: Vec<(Vec<u32>, Vec<u32>)>,
+        weights: &Tensor,
+    ) -> Result<Tensor> {
         let mut out = match &self.shared {
             Some(shared) => shared.forward(x)?,
             None => x.zeros_like()?,
@@ -258,14 +291,98 @@ impl Moe {
                 .broadcast_mul(&weight)?;
             out = out.index_add(&index, &y, 0)?;
         }
-        Ok((
-            out,
-            RoutingTrace {
-                scores: all_scores,
-                chosen: trace_chosen,
-                top_k,
-            },
-        ))
+        Ok(out)
+    }
+
+    /// [`Moe::forward_dense`] over quantized experts, with the same per-expert arithmetic, in two
+    /// batches of products: every gate and up projection at once, then every down projection. A
+    /// decode step thus waits for its threads twice per layer instead of three times per expert.
+    fn forward_quantized(
+        &self,
+        x: &Tensor,
+        per_expert: &[(Vec<u32>, Vec<u32>)],
+        weights: &[f32],
+    ) -> Result<Tensor> {
+        let (tokens, hidden) = x.dims2()?;
+        let input: Vec<f32> = x.flatten_all()?.to_vec1()?; // (tokens, hidden)
+        // Each routed expert's rows of the input: (n, hidden) for its n tokens.
+        let gathered: Vec<Vec<f32>> = per_expert
+            .iter()
+            .map(|(rows, _)| {
+                rows.iter()
+                    .flat_map(|&t| &input[t as usize * hidden..(t as usize + 1) * hidden])
+                    .copied()
+                    .collect()
+            })
+            .collect();
+        // Shared experts first, then routed ones in index order: ([gate, up, down], (n, hidden) input).
+        let active: Vec<([&QMatrix; 3], &[f32])> = self
+            .shared
+            .iter()
+            .map(|s| (s, input.as_slice()))
+            .chain(
+                self.experts
+                    .iter()
+                    .zip(&gathered)
+                    .filter(|(_, x)| !x.is_empty())
+                    .map(|(e, x)| (e, x.as_slice())),
+            )
+            .filter_map(|(mlp, x)| Some((mlp.quantized()?, x)))
+            .collect();
+        let rows = |x: &[f32]| x.len() / hidden;
+        // (n, intermediate) gate and up outputs of each active expert.
+        let mut gates: Vec<Vec<f32>> = active
+            .iter()
+            .map(|([g, _, _], x)| vec![0f32; rows(x) * g.rows()])
+            .collect();
+        let mut ups = gates.clone();
+        let mut jobs: Vec<MatmulJob> = Vec::with_capacity(2 * active.len());
+        for ((([gate, up, _], x), g), u) in active.iter().zip(&mut gates).zip(&mut ups) {
+            jobs.push(MatmulJob {
+                matrix: gate,
+                x,
+                out: g,
+            });
+            jobs.push(MatmulJob {
+                matrix: up,
+                x,
+                out: u,
+            });
+        }
+        matmul_batch(&mut jobs)?;
+        let mids: Vec<Vec<f32>> = gates.iter().zip(&ups).map(|(g, u)| swiglu(g, u)).collect();
+        // (n, hidden) down outputs of each active expert.
+        let mut downs: Vec<Vec<f32>> = active
+            .iter()
+            .map(|(_, x)| vec![0f32; rows(x) * hidden])
+            .collect();
+        let mut jobs: Vec<MatmulJob> = active
+            .iter()
+            .zip(&mids)
+            .zip(&mut downs)
+            .map(|((([_, _, down], _), x), out)| MatmulJob {
+                matrix: down,
+                x,
+                out,
+            })
+            .collect();
+        matmul_batch(&mut jobs)?;
+        let mut downs = downs.into_iter();
+        let mut out = match self.shared {
+            Some(_) => downs.next().unwrap_or_default(),
+            None => vec![0f32; tokens * hidden],
+        }; // (tokens, hidden)
+        let routed = per_expert.iter().filter(|(rows, _)| !rows.is_empty());
+        for ((rows, slots), y) in routed.zip(downs) {
+            for ((&t, &slot), y) in rows.iter().zip(slots).zip(y.chunks_exact(hidden)) {
+                let w = weights[slot as usize];
+                let dst = &mut out[t as usize * hidden..(t as usize + 1) * hidden];
+                for (o, &v) in dst.iter_mut().zip(y) {
+                    *o += v * w;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (tokens, hidden), x.device())?)
     }
 }
 
