@@ -74,14 +74,8 @@ pub fn model_dir(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 /// Fixes the matmul thread count once: `threads` if given, else `RAYON_NUM_THREADS`, else all cores.
 /// candle asks for it on every matrix product and, unless `RAYON_NUM_THREADS` is set, re-derives it by
-/// parsing /proc/cpuinfo each time: measured here, that halved decode speed. Also keeps candle's own
-/// spinning worker pool (for its element-wise ops) to the calling thread unless `CANDLE_NUM_THREADS`
-/// says otherwise: the heavy products run on rayon's threads, and spinners beside them take their cores.
+/// parsing /proc/cpuinfo each time: measured here, that halved decode speed.
 fn pin_thread_count(threads: Option<usize>) {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // SAFETY: called in `main` right after argument parsing, before any other thread exists.
-        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
-    }
     let count = match threads {
         Some(n) => n.to_string(),
         None if std::env::var_os("RAYON_NUM_THREADS").is_some() => return,
