@@ -189,6 +189,13 @@ def prompt_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
 
 
 def ordinary_vocab(model: Path) -> int:
+    """Ordinary (not added) token ids of a checkpoint folder's tokenizer.json, or of a GGUF file's vocabulary
+    (tokens of type 1, `normal`)."""
+    if model.is_file():
+        import gguf  # noqa: PLC0415
+
+        types = gguf.GGUFReader(model).fields["tokenizer.ggml.token_type"]
+        return sum(1 for i in types.data if int(types.parts[i][0]) == 1)
     tokenizer = json.loads((model / "tokenizer.json").read_text())
     return len(tokenizer["model"]["vocab"])
 
