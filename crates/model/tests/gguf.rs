@@ -208,6 +208,44 @@ fn info_counts_the_same_parameters() {
     }
 }
 
+/// The weight bytes a decoded token reads, counted from the file's own tensor table: everything but the
+/// input embedding (unless the head is tied to it) and, of each stacked expert tensor, the share of the
+/// experts a token does not visit.
+#[test]
+fn info_counts_the_weight_bytes_a_token_reads() {
+    for file in [
+        "deepseek-v3.q8_0.gguf",
+        "deepseek-v3.q4_k_m.gguf",
+        "qwen2.q8_0.gguf",
+    ] {
+        let path = gguf(file);
+        let model = load(&path);
+        let (experts, top_k) = match model.config() {
+            ModelConfig::DeepSeek(c) => (c.n_routed_experts, c.num_experts_per_tok),
+            ModelConfig::Llama(_) => (1, 1),
+        };
+        let has_head = tiefsee_gguf::GgufFile::open(&path)
+            .unwrap()
+            .contains_tensor("output.weight");
+        let expected: usize = tiefsee_gguf::GgufFile::open(&path)
+            .unwrap()
+            .tensor_infos()
+            .iter()
+            .map(|t| match t.name() {
+                "token_embd.weight" if has_head => 0,
+                "rope_freqs.weight" => 0,
+                n if n.contains("_exps.") => t.n_bytes() / experts * top_k,
+                _ => t.n_bytes(),
+            })
+            .sum();
+        assert_eq!(
+            model.info().weight_bytes_per_token,
+            expected as u64,
+            "{file}"
+        );
+    }
+}
+
 fn write_variant(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
     let mut bytes = std::fs::read(gguf("qwen2.f16.gguf")).unwrap();
     edit(&mut bytes);
