@@ -96,6 +96,20 @@ enum Format {
 }
 
 impl Format {
+    /// The scalar reference dot product of one weight row with one token's activations.
+    fn scalar_dot(self) -> fn(&[u8], &Token) -> f32 {
+        match self {
+            Format::Q4_0 => scalar::dot_q4_0,
+            Format::Q4_1 => scalar::dot_q4_1,
+            Format::Q5_0 => scalar::dot_q5_0,
+            Format::Q5_1 => scalar::dot_q5_1,
+            Format::Q8_0 => scalar::dot_q8_0,
+            Format::Q4K => scalar::dot_q4_k,
+            Format::Q5K => scalar::dot_q5_k,
+            Format::Q6K => scalar::dot_q6_k,
+        }
+    }
+
     fn of(ty: GgmlType) -> Option<Self> {
         match ty {
             GgmlType::Q4_0 => Some(Format::Q4_0),
@@ -382,16 +396,7 @@ impl QMatrix {
             }
             return;
         }
-        let dot: fn(&[u8], &Token) -> f32 = match self.format {
-            Format::Q4_0 => scalar::dot_q4_0,
-            Format::Q4_1 => scalar::dot_q4_1,
-            Format::Q5_0 => scalar::dot_q5_0,
-            Format::Q5_1 => scalar::dot_q5_1,
-            Format::Q8_0 => scalar::dot_q8_0,
-            Format::Q4K => scalar::dot_q4_k,
-            Format::Q5K => scalar::dot_q5_k,
-            Format::Q6K => scalar::dot_q6_k,
-        };
+        let dot = self.format.scalar_dot();
         each_row(&|row| std::array::from_fn(|k| dot(row, &toks[k])));
     }
 }

@@ -4,7 +4,7 @@
 use tiefsee_gguf::{GgmlType, QK_K, quantize};
 
 use super::activations::{ActFormat, Activations, Token};
-use super::{Format, MatmulJob, QMatrix, WeightBytes, matmul_batch_with, scalar};
+use super::{Format, MatmulJob, QMatrix, WeightBytes, matmul_batch_with};
 use crate::cpu::{self, Isa};
 
 /// Deterministic normal-ish values (xorshift and a sum of uniforms), scaled by `scale`.
@@ -106,16 +106,7 @@ fn avx2_dot_products_match_scalar() {
         let mut acts = Activations::default();
         acts.quantize(format.activations(), &x, cols);
         let toks: [Token; 4] = std::array::from_fn(|t| acts.token(t, 0..cols));
-        let scalar_dot = match format {
-            Format::Q4_0 => scalar::dot_q4_0,
-            Format::Q4_1 => scalar::dot_q4_1,
-            Format::Q5_0 => scalar::dot_q5_0,
-            Format::Q5_1 => scalar::dot_q5_1,
-            Format::Q8_0 => scalar::dot_q8_0,
-            Format::Q4K => scalar::dot_q4_k,
-            Format::Q5K => scalar::dot_q5_k,
-            Format::Q6K => scalar::dot_q6_k,
-        };
+        let scalar_dot = format.scalar_dot();
         // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
         let simd: Vec<f32> = unsafe {
             match format {
