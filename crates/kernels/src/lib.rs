@@ -9,6 +9,8 @@ pub mod cpu;
 mod error;
 pub mod qmatmul;
 
-pub use attention::{AttentionError, CacheFormat, RowLayout, RowPool, attend};
+pub use attention::{
+    AttentionError, CacheFormat, RowLayout, RowPool, SequenceQueries, attend, attend_batch,
+};
 pub use error::KernelError;
 pub use qmatmul::{MatmulJob, QMatrix, WeightBytes, matmul_batch};

@@ -9,18 +9,27 @@
 //! per-sequence slot tables (the serving engine's block tables), so sequences can share prefix blocks.
 
 use candle_core::{Device, Tensor};
-use tiefsee_kernels::attention::{self, RowLayout, RowPool};
+use tiefsee_kernels::attention::{self, RowLayout, RowPool, SequenceQueries};
 
 pub use tiefsee_kernels::attention::CacheFormat;
 
 use crate::error::{ModelError, Result};
+
+/// One sequence's new tokens in a forward pass: positions `start .. start + len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Position of the first new token.
+    pub start: usize,
+    /// Number of new tokens.
+    pub len: usize,
+}
 
 /// What attention over the cache needs besides the rows: the queries and how to read rows.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionQuery<'a> {
     /// Where keys and values sit in a row.
     pub layout: RowLayout,
-    /// (n, heads, key_width) for the `n` new tokens.
+    /// (n, heads, key_width) for the `n` new tokens of all sequences, in order.
     pub queries: &'a [f32],
     /// Query heads.
     pub heads: usize,
@@ -42,14 +51,13 @@ pub trait KvStore: Send {
         b: &Tensor,
     ) -> Result<(Tensor, Tensor)>;
 
-    /// Stores the rows `[a | b]` (n, width_a + width_b) of sequence `seq` for `layer` at positions
-    /// `start ..` and attends the `n` queries over all of that sequence's rows, causally:
-    /// returns (n, heads, value_width).
+    /// Stores the rows `[a | b]` (n, width_a + width_b) of the new tokens of every sequence (sequence
+    /// `i` brings `spans[i]`, in order) for `layer`, and attends each sequence's queries over all of
+    /// its rows, causally, every sequence in one parallel call: returns (n, heads, value_width).
     fn attend(
         &mut self,
-        seq: usize,
         layer: usize,
-        start: usize,
+        spans: &[Span],
         rows: &[f32],
         query: AttentionQuery,
     ) -> Result<Vec<f32>>;
@@ -117,28 +125,68 @@ impl LayerPools {
         ))
     }
 
-    /// Writes `rows` into `new_slots`, then attends over `all_slots`.
+    /// Writes each sequence's rows (its part of `rows`) into its slots `start .. start + len`, then
+    /// attends every sequence over its slots `0 .. start + len`; `tables[i]` maps sequence i's
+    /// positions to slots.
     fn attend(
         &mut self,
         layer: usize,
-        new_slots: &[usize],
-        all_slots: &[usize],
-        start: usize,
+        tables: &[&[usize]],
+        spans: &[Span],
         rows: &[f32],
         query: AttentionQuery,
     ) -> Result<Vec<f32>> {
-        self.write(layer, new_slots, rows)?;
-        let n = new_slots.len();
-        let mut out = vec![0f32; n * query.heads * query.layout.value_width];
-        attention::attend(
+        let width = self.width();
+        let (kw, vw) = (query.layout.key_width, query.layout.value_width);
+        let tokens: usize = spans.iter().map(|s| s.len).sum();
+        if tables.len() != spans.len()
+            || rows.len() != tokens * width
+            || query.queries.len() != tokens * query.heads * kw
+        {
+            return Err(ModelError::AttentionBatch {
+                sequences: spans.len(),
+                tokens,
+                tables: tables.len(),
+                rows: rows.len(),
+                queries: query.queries.len(),
+            });
+        }
+        let mut offset = 0;
+        for (table, span) in tables.iter().zip(spans) {
+            let end = span.start + span.len;
+            let slots = table
+                .get(span.start..end)
+                .ok_or(ModelError::ContextOverflow {
+                    needed: end,
+                    context: table.len(),
+                })?;
+            self.write(
+                layer,
+                slots,
+                &rows[offset * width..(offset + span.len) * width],
+            )?;
+            offset += span.len;
+        }
+        let mut out = vec![0f32; offset * query.heads * vw];
+        let mut seqs = Vec::with_capacity(spans.len());
+        let (mut queries, mut outs) = (query.queries, out.as_mut_slice());
+        for (table, span) in tables.iter().zip(spans) {
+            let (q, rest_q) = queries.split_at(span.len * query.heads * kw);
+            let (o, rest_o) = std::mem::take(&mut outs).split_at_mut(span.len * query.heads * vw);
+            seqs.push(SequenceQueries {
+                slots: &table[..span.start + span.len],
+                queries: q,
+                start: span.start,
+                out: o,
+            });
+            (queries, outs) = (rest_q, rest_o);
+        }
+        attention::attend_batch(
             &self.layers[layer],
             query.layout,
-            all_slots,
-            query.queries,
             query.heads,
-            start,
             query.scale,
-            &mut out,
+            &mut seqs,
         )?;
         Ok(out)
     }
@@ -276,21 +324,16 @@ impl KvStore for Cache {
 
     fn attend(
         &mut self,
-        _seq: usize,
         layer: usize,
-        start: usize,
+        spans: &[Span],
         rows: &[f32],
         query: AttentionQuery,
     ) -> Result<Vec<f32>> {
-        let end = start + rows.len() / self.pools.width();
-        self.pools.attend(
-            layer,
-            &self.identity[start..end],
-            &self.identity[..end],
-            start,
-            rows,
-            query,
-        )
+        if spans.len() != 1 {
+            return Err(ModelError::SingleSequenceCache { found: spans.len() });
+        }
+        let identity = &self.identity[..];
+        self.pools.attend(layer, &[identity], spans, rows, query)
     }
 }
 
@@ -317,21 +360,26 @@ impl KvStore for Uncached {
 
     fn attend(
         &mut self,
-        _seq: usize,
         _layer: usize,
-        start: usize,
+        spans: &[Span],
         rows: &[f32],
         query: AttentionQuery,
     ) -> Result<Vec<f32>> {
-        if start != 0 {
-            return Err(ModelError::UncachedContinuation { start });
+        if let Some(span) = spans.iter().find(|s| s.start != 0) {
+            return Err(ModelError::UncachedContinuation { start: span.start });
         }
-        // The sequence's own rows, exactly, in a pool that lives for this call.
+        // Each sequence's own rows, exactly, in a pool that lives for this call.
         let width = query.layout.width();
         let n = rows.len() / width;
         let mut pools = LayerPools::new(CacheFormat::F32, 1, n, (width, 0))?;
         let slots: Vec<usize> = (0..n).collect();
-        pools.attend(0, &slots, &slots, 0, rows, query)
+        let mut tables = Vec::with_capacity(spans.len());
+        let mut offset = 0;
+        for span in spans {
+            tables.push(&slots[offset..offset + span.len]);
+            offset += span.len;
+        }
+        pools.attend(0, &tables, spans, rows, query)
     }
 }
 
@@ -428,16 +476,13 @@ impl KvStore for PagedBatch<'_> {
 
     fn attend(
         &mut self,
-        seq: usize,
         layer: usize,
-        start: usize,
+        spans: &[Span],
         rows: &[f32],
         query: AttentionQuery,
     ) -> Result<Vec<f32>> {
-        let table = self.slot_tables[seq];
-        let end = start + rows.len() / self.cache.pools.width();
         self.cache
             .pools
-            .attend(layer, &table[start..end], &table[..end], start, rows, query)
+            .attend(layer, &self.slot_tables, spans, rows, query)
     }
 }

@@ -86,6 +86,18 @@ pub enum ModelError {
         "a segment starts at position {start}, but an uncached forward pass feeds whole sequences from position 0"
     )]
     UncachedContinuation { start: usize },
+    #[error("a single-sequence cache was given {found} sequences in one forward pass")]
+    SingleSequenceCache { found: usize },
+    #[error(
+        "an attention batch of {sequences} sequences ({tokens} tokens) got {tables} slot tables, {rows} row values and {queries} query values"
+    )]
+    AttentionBatch {
+        sequences: usize,
+        tokens: usize,
+        tables: usize,
+        rows: usize,
+        queries: usize,
+    },
     #[error("token id {id} is outside the vocabulary of {vocab_size}")]
     TokenOutOfRange { id: u32, vocab_size: usize },
     #[error(transparent)]

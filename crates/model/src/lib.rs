@@ -18,7 +18,9 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-pub use cache::{AttentionQuery, Cache, CacheFormat, KvStore, PagedBatch, PagedCache, Uncached};
+pub use cache::{
+    AttentionQuery, Cache, CacheFormat, KvStore, PagedBatch, PagedCache, Span, Uncached,
+};
 pub use config::ModelConfig;
 pub use deepseek::mla::MlaPath;
 pub use error::{ModelError, Result};
@@ -40,6 +42,16 @@ pub struct Segment<'a> {
     pub start: usize,
     /// Logits wanted for this segment; `None` for a prefill chunk that is not the last.
     pub logits: Option<Logits>,
+}
+
+impl Segment<'_> {
+    /// The positions its tokens take.
+    pub fn span(&self) -> Span {
+        Span {
+            start: self.start,
+            len: self.tokens.len(),
+        }
+    }
 }
 
 /// The architectures behind one type.

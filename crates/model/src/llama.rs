@@ -6,10 +6,10 @@ use candle_core::Tensor;
 use tiefsee_kernels::attention::RowLayout;
 
 use crate::Segment;
-use crate::cache::{AttentionQuery, KvStore};
+use crate::cache::{AttentionQuery, KvStore, Span};
 use crate::config::LlamaConfig;
 use crate::error::Result;
-use crate::nn::{Embedding, Linear, Mlp, RmsNorm};
+use crate::nn::{Embedding, Linear, Mlp, RmsNorm, forward_all};
 use crate::rope::{RopeStyle, RotaryEmbedding};
 use crate::weights::Weights;
 
@@ -52,47 +52,44 @@ impl Attention {
         store: &mut dyn KvStore,
     ) -> Result<Tensor> {
         let d = self.head_dim;
-        let (q_all, k_all, v_all) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
-        let mut outputs = Vec::with_capacity(segments.len());
-        let mut offset = 0;
-        for (seq, segment) in segments.iter().enumerate() {
-            let (n, start) = (segment.tokens.len(), segment.start);
-            // (n, heads * d) -> (1, heads, n, d), rotated
-            let heads_first = |t: &Tensor, heads: usize| -> Result<Tensor> {
-                Ok(t.narrow(0, offset, n)?
-                    .reshape((n, heads, d))?
-                    .transpose(0, 1)?
-                    .unsqueeze(0)?)
-            };
-            let q = self.rope.apply(&heads_first(&q_all, self.heads)?, start)?;
-            let k = self
+        let tokens = x.dim(0)?;
+        let [q, k, v] = forward_all([&self.q, &self.k, &self.v], x)?;
+        // RoPE runs once for the whole batch: the position of every token, sequence by sequence.
+        let positions: Vec<usize> = segments
+            .iter()
+            .flat_map(|s| s.start..s.start + s.tokens.len())
+            .collect();
+        // (tokens, heads * d) -> (1, heads, tokens, d), rotated, -> (tokens, heads * d)
+        let rotate = |t: &Tensor, heads: usize| -> Result<Tensor> {
+            let t = t
+                .reshape((tokens, heads, d))?
+                .transpose(0, 1)?
+                .unsqueeze(0)?;
+            Ok(self
                 .rope
-                .apply(&heads_first(&k_all, self.kv_heads)?, start)?;
-            // Cached rows are [k | v], (n, 2 * kv_heads * d); queries (n, heads, d).
-            let k = k
+                .apply_at(&t, &positions)?
                 .squeeze(0)?
                 .transpose(0, 1)?
-                .reshape((n, self.kv_heads * d))?;
-            let rows = Tensor::cat(&[&k, &v_all.narrow(0, offset, n)?], 1)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let queries = q
-                .squeeze(0)?
-                .transpose(0, 1)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let query = AttentionQuery {
-                layout: RowLayout::grouped(self.kv_heads, d),
-                queries: &queries,
-                heads: self.heads,
-                scale: (d as f32).powf(-0.5),
-            };
-            let out = store.attend(seq, layer, start, &rows, query)?;
-            let out = Tensor::from_vec(out, (n, self.heads * d), x.device())?;
-            outputs.push(out);
-            offset += n;
-        }
-        self.o.forward(&Tensor::cat(&outputs, 0)?)
+                .reshape((tokens, heads * d))?)
+        };
+        // Cached rows are [k | v], (tokens, 2 * kv_heads * d); queries (tokens, heads, d).
+        let rows = Tensor::cat(&[&rotate(&k, self.kv_heads)?, &v], 1)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let queries = rotate(&q, self.heads)?.flatten_all()?.to_vec1::<f32>()?;
+        let spans: Vec<Span> = segments.iter().map(Segment::span).collect();
+        let query = AttentionQuery {
+            layout: RowLayout::grouped(self.kv_heads, d),
+            queries: &queries,
+            heads: self.heads,
+            scale: (d as f32).powf(-0.5),
+        };
+        let out = store.attend(layer, &spans, &rows, query)?;
+        self.o.forward(&Tensor::from_vec(
+            out,
+            (tokens, self.heads * d),
+            x.device(),
+        )?)
     }
 }
 

@@ -188,12 +188,60 @@ pub fn attend(
     scale: f32,
     out: &mut [f32],
 ) -> Result<(), AttentionError> {
-    let problem = Problem::new(pool, layout, slots, queries, heads, start, scale, out.len())?;
-    if problem.n == 0 {
-        return Ok(());
-    }
+    let mut seqs = [SequenceQueries {
+        slots,
+        queries,
+        start,
+        out,
+    }];
+    attend_batch(pool, layout, heads, scale, &mut seqs)
+}
+
+/// One sequence's part of an [`attend_batch`] call: as the arguments of [`attend`].
+#[derive(Debug)]
+pub struct SequenceQueries<'a> {
+    /// The slot of every position of the sequence (at least `start + n`).
+    pub slots: &'a [usize],
+    /// (n, heads, key_width): its new tokens' queries.
+    pub queries: &'a [f32],
+    /// The position of its first new token.
+    pub start: usize,
+    /// (n, heads, value_width): where their attention outputs go.
+    pub out: &'a mut [f32],
+}
+
+/// [`attend`] for several sequences over one pool, as one parallel region: the tasks of all of
+/// them (a decode step of many sequences is many small problems) are shared by rayon's threads at
+/// once, so no thread waits at the end of each sequence.
+pub fn attend_batch(
+    pool: &RowPool,
+    layout: RowLayout,
+    heads: usize,
+    scale: f32,
+    seqs: &mut [SequenceQueries<'_>],
+) -> Result<(), AttentionError> {
+    let problems = seqs
+        .iter()
+        .map(|s| {
+            Problem::new(
+                pool,
+                layout,
+                s.slots,
+                s.queries,
+                heads,
+                s.start,
+                scale,
+                s.out.len(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let kernel = Kernel::select(cpu::isa(), &layout);
-    run(kernel, &problem, Plan::new(&problem), out);
+    // Tasks per problem: together a few per thread, however many sequences share them.
+    let busy = problems.iter().filter(|p| p.n > 0).count().max(1);
+    let tasks = (4 * rayon::current_num_threads()).div_ceil(busy);
+    let plans: Vec<Plan> = problems.iter().map(|p| Plan::new(p, tasks)).collect();
+    let mut outs: Vec<&mut [f32]> = seqs.iter_mut().map(|s| &mut *s.out).collect();
+    run(kernel, &problems, &plans, &mut outs);
     Ok(())
 }
 
@@ -282,11 +330,12 @@ struct Plan {
 }
 
 impl Plan {
-    /// Enough tasks to keep every thread of rayon's pool busy, each as large as that allows; n > 0.
-    fn new(p: &Problem) -> Self {
-        let tasks = 4 * rayon::current_num_threads();
+    /// About `tasks` tasks for `p` (to share with others' between rayon's threads), each as large as
+    /// that allows.
+    fn new(p: &Problem, tasks: usize) -> Self {
+        let tasks = tasks.max(1);
         let row_tile = p.n.div_ceil(tasks).clamp(1, MAX_ROW_TILE);
-        let row_tiles = p.n.div_ceil(row_tile);
+        let row_tiles = p.n.div_ceil(row_tile).max(1);
         let keys = p.start + p.n;
         let chunks = tasks
             .div_ceil(row_tiles)
@@ -294,8 +343,22 @@ impl Plan {
             .max(1);
         Self {
             row_tile,
-            chunk: keys.div_ceil(chunks).next_multiple_of(BLOCK),
+            chunk: keys.div_ceil(chunks).next_multiple_of(BLOCK).max(BLOCK),
         }
+    }
+
+    /// Ranges of query rows of `p`, each one task's (times its key chunks).
+    fn row_tiles(&self, p: &Problem) -> impl Iterator<Item = Range<usize>> {
+        let (n, tile) = (p.n, self.row_tile);
+        (0..n).step_by(tile).map(move |r0| r0..(r0 + tile).min(n))
+    }
+
+    /// Ranges of keys, each one task's (times its row tiles).
+    fn key_chunks(&self, p: &Problem) -> impl Iterator<Item = Range<usize>> {
+        let (keys, chunk) = (p.start + p.n, self.chunk);
+        (0..keys)
+            .step_by(chunk)
+            .map(move |k0| k0..(k0 + chunk).min(keys))
     }
 }
 
@@ -310,32 +373,44 @@ struct Partial {
     acc: Vec<f32>,
 }
 
-/// Runs the tasks of `plan` on rayon's pool, merging each row tile's results into its rows of `out`
-/// (n, heads, value_width) as soon as its key chunks are done.
-fn run(kernel: Kernel, p: &Problem, plan: Plan, out: &mut [f32]) {
-    let keys = p.start + p.n;
-    let chunks = keys.div_ceil(plan.chunk);
-    let (group, vw) = (p.group(), p.layout.value_width);
-    out.par_chunks_mut(plan.row_tile * p.heads * vw)
-        .enumerate()
-        .for_each(|(tile, out)| {
-            let r0 = tile * plan.row_tile;
-            let rows = r0..(r0 + plan.row_tile).min(p.n);
-            let parts: Vec<Partial> = (0..chunks)
-                .into_par_iter()
-                .map(|c| {
-                    let keys = c * plan.chunk..((c + 1) * plan.chunk).min(keys);
-                    run_task(kernel, p, rows.clone(), keys)
-                })
-                .collect();
-            for (r, out_row) in out.chunks_exact_mut(p.heads * vw).enumerate() {
-                for (h, dst) in out_row.chunks_exact_mut(vw).enumerate() {
-                    // the (kv_heads, rows, group) order of `Partial`
-                    let q = (h / group * rows.len() + r) * group + h % group;
-                    merge(&parts, q, vw, dst);
-                }
+/// Runs the tasks of every problem under its plan in one parallel region, then merges each row
+/// tile's partial results into its rows of that problem's output (n, heads, value_width).
+fn run(kernel: Kernel, problems: &[Problem], plans: &[Plan], outs: &mut [&mut [f32]]) {
+    // Every (problem, row tile, key chunk), in that order.
+    let mut tasks = Vec::new();
+    for (i, (p, plan)) in problems.iter().zip(plans).enumerate() {
+        for rows in plan.row_tiles(p) {
+            for keys in plan.key_chunks(p) {
+                tasks.push((i, rows.clone(), keys));
             }
-        });
+        }
+    }
+    let parts: Vec<Partial> = tasks
+        .par_iter()
+        .map(|(i, rows, keys)| run_task(kernel, &problems[*i], rows.clone(), keys.clone()))
+        .collect();
+    // Each row tile's output rows with the partial results of its key chunks.
+    let mut merges = Vec::new();
+    let mut next = 0;
+    for ((p, plan), out) in problems.iter().zip(plans).zip(outs.iter_mut()) {
+        let chunks = plan.key_chunks(p).count();
+        let tile_len = plan.row_tile * p.heads * p.layout.value_width;
+        for out in out.chunks_mut(tile_len) {
+            merges.push((p, out, &parts[next..next + chunks]));
+            next += chunks;
+        }
+    }
+    merges.into_par_iter().for_each(|(p, out, parts)| {
+        let (group, vw) = (p.group(), p.layout.value_width);
+        let rows = out.len() / (p.heads * vw);
+        for (r, out_row) in out.chunks_exact_mut(p.heads * vw).enumerate() {
+            for (h, dst) in out_row.chunks_exact_mut(vw).enumerate() {
+                // the (kv_heads, rows, group) order of `Partial`
+                let q = (h / group * rows + r) * group + h % group;
+                merge(parts, q, vw, dst);
+            }
+        }
+    });
 }
 
 /// Combines the partial softmax results of one query head over disjoint key ranges into its output.

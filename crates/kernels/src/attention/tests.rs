@@ -179,12 +179,17 @@ impl Case {
         let (heads, start, len) = (self.heads, self.start, expected.len());
         let p = Problem::new(pool, self.layout, slots, &queries, heads, start, scale, len).unwrap();
         let mut plans = plans.to_vec();
-        plans.push(Plan::new(&p));
+        plans.push(Plan::new(&p, 4 * rayon::current_num_threads()));
         let mut outputs = Vec::new();
         for kernel in kernels(&self.layout) {
             for &plan in &plans {
                 let mut out = vec![f32::NAN; len];
-                run(kernel, &p, plan, &mut out);
+                run(
+                    kernel,
+                    std::slice::from_ref(&p),
+                    &[plan],
+                    &mut [&mut out[..]],
+                );
                 let err = normalized_error(&out, &expected, self.layout.value_width);
                 assert!(
                     err < 1e-5,
@@ -307,6 +312,60 @@ fn sequences_share_slots() {
     first.truncate(120);
     case.check_slots(&pool, &first, &mut rng, &SPLITS);
     case.check_slots(&pool, &second, &mut rng, &SPLITS);
+}
+
+/// Many sequences of one decode step (and a prefill chunk, and one with no new tokens) in one
+/// `attend_batch` call, each against the naive reference on its own slots.
+#[test]
+fn batch_of_sequences() {
+    let mut rng = Rng(16);
+    for (format, layout, heads) in [
+        (CacheFormat::Bf16, RowLayout::latent(64, 16), 4),
+        (CacheFormat::Q8, RowLayout::grouped(2, 16), 6),
+    ] {
+        let width = layout.width().next_multiple_of(32);
+        let pool = random_pool(format, 700, width, &mut rng);
+        let mut order: Vec<usize> = (0..700).collect();
+        rng.shuffle(&mut order);
+        // (start, n): decodes at several depths, a prefill chunk, a sequence with nothing new; the
+        // first three share a 30-token prefix.
+        let shape = [(40, 1), (300, 1), (30, 9), (0, 17), (5, 0), (299, 1)];
+        let mut tables = Vec::new();
+        let mut next = 30;
+        for &(start, n) in &shape {
+            let mut table = order[..30.min(start + n)].to_vec();
+            let own = (start + n).saturating_sub(30);
+            table.extend_from_slice(&order[next..next + own]);
+            next += own;
+            tables.push(table);
+        }
+        let queries: Vec<Vec<f32>> = shape
+            .iter()
+            .map(|&(_, n)| rng.floats(n * heads * layout.key_width))
+            .collect();
+        let mut outs: Vec<Vec<f32>> = shape
+            .iter()
+            .map(|&(_, n)| vec![f32::NAN; n * heads * layout.value_width])
+            .collect();
+        let mut seqs: Vec<SequenceQueries> = tables
+            .iter()
+            .zip(&queries)
+            .zip(&mut outs)
+            .zip(&shape)
+            .map(|(((slots, queries), out), &(start, _))| SequenceQueries {
+                slots,
+                queries,
+                start,
+                out,
+            })
+            .collect();
+        attend_batch(&pool, layout, heads, 0.3, &mut seqs).unwrap();
+        for (((table, q), out), &(start, _)) in tables.iter().zip(&queries).zip(&outs).zip(&shape) {
+            let expected = naive(&pool, layout, table, q, heads, start, 0.3);
+            let err = normalized_error(out, &expected, layout.value_width);
+            assert!(err < 1e-5, "{format:?} start {start}: error {err:e}");
+        }
+    }
 }
 
 #[test]

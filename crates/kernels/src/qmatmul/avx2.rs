@@ -23,7 +23,7 @@ use super::activations::{QK8_0, Token};
 /// f16 bits to f32 with F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn f16_to_f32(bits: u16) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits as i16)))
 }
 
 /// The little-endian f16 at `at` of `block`, as f32.

@@ -11,7 +11,7 @@ use tiefsee_kernels::attention::RowLayout;
 use tiefsee_kernels::{MatmulJob, QMatrix, matmul_batch};
 
 use crate::Segment;
-use crate::cache::{AttentionQuery, KvStore};
+use crate::cache::{AttentionQuery, KvStore, Span};
 use crate::config::DeepSeekConfig;
 use crate::error::Result;
 use crate::nn::{Linear, LinearWeight, RmsNorm, causal_mask, forward_all, masked_softmax};
@@ -222,54 +222,55 @@ impl Mla {
             MlaPath::Absorbed => self.absorb_query(&q_nope)?, // (heads, tokens, kv_lora_rank)
             MlaPath::Naive => q_nope,
         };
-        let mut outputs = Vec::with_capacity(segments.len());
-        let mut offset = 0;
-        for (seq, segment) in segments.iter().enumerate() {
-            let (n, start) = (segment.tokens.len(), segment.start);
-            let q_first = q_first.narrow(1, offset, n)?;
-            let q_pe = q_pe.narrow(1, offset, n)?;
-            let new_c_kv = c_kv.narrow(0, offset, n)?;
-            let new_k_pe = k_pe.narrow(0, offset, n)?;
-            outputs.push(match path {
-                MlaPath::Absorbed => {
-                    // Rows [c_kv | k_pe] and queries [q_latent | q_pe]: attention over the latent
-                    // cache itself, values being the latent part of each row.
-                    let rows = Tensor::cat(&[&new_c_kv, &new_k_pe], 1)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?;
-                    let queries = Tensor::cat(&[&q_first, &q_pe], 2)?
-                        .transpose(0, 1)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?;
-                    let query = AttentionQuery {
-                        layout: RowLayout::latent(self.kv_lora_rank, self.rope_dim),
-                        queries: &queries,
-                        heads: h,
-                        scale: self.softmax_scale as f32,
-                    };
-                    let out = store.attend(seq, layer, start, &rows, query)?;
-                    // (n, heads, kv_lora_rank) -> (heads, n, kv_lora_rank)
-                    Tensor::from_vec(out, (n, h, self.kv_lora_rank), x.device())?.transpose(0, 1)?
-                }
-                MlaPath::Naive => {
+        let out = match path {
+            MlaPath::Absorbed => {
+                // Rows [c_kv | k_pe] and queries [q_latent | q_pe] of every token: attention over
+                // the latent cache itself, values being the latent part of each row, all sequences
+                // in one call.
+                let spans: Vec<Span> = segments.iter().map(Segment::span).collect();
+                let rows = Tensor::cat(&[&c_kv, &k_pe], 1)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let queries = Tensor::cat(&[&q_first, &q_pe], 2)?
+                    .transpose(0, 1)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let query = AttentionQuery {
+                    layout: RowLayout::latent(self.kv_lora_rank, self.rope_dim),
+                    queries: &queries,
+                    heads: h,
+                    scale: self.softmax_scale as f32,
+                };
+                let out = store.attend(layer, &spans, &rows, query)?;
+                // (tokens, heads, kv_lora_rank) -> (heads, tokens, kv_lora_rank) -> (heads, tokens, v)
+                let out = Tensor::from_vec(out, (tokens, h, self.kv_lora_rank), x.device())?
+                    .transpose(0, 1)?;
+                self.expand_values(&out)?
+            }
+            MlaPath::Naive => {
+                let mut outputs = Vec::with_capacity(segments.len());
+                let mut offset = 0;
+                for (seq, segment) in segments.iter().enumerate() {
+                    let (n, start) = (segment.tokens.len(), segment.start);
                     // (t, kv_lora_rank), (t, rope) for all t = start + n positions of this sequence
-                    let (seq_c_kv, seq_k_pe) =
-                        store.store(seq, layer, start, &new_c_kv, &new_k_pe)?;
-                    self.attend_naive(
-                        &q_first.contiguous()?,
-                        &q_pe.contiguous()?,
+                    let (seq_c_kv, seq_k_pe) = store.store(
+                        seq,
+                        layer,
+                        start,
+                        &c_kv.narrow(0, offset, n)?,
+                        &k_pe.narrow(0, offset, n)?,
+                    )?;
+                    outputs.push(self.attend_naive(
+                        &q_first.narrow(1, offset, n)?.contiguous()?,
+                        &q_pe.narrow(1, offset, n)?.contiguous()?,
                         &seq_c_kv,
                         &seq_k_pe,
                         start,
-                    )?
+                    )?);
+                    offset += n;
                 }
-            });
-            offset += n;
-        }
-        let out = Tensor::cat(&outputs, 1)?;
-        let out = match path {
-            MlaPath::Absorbed => self.expand_values(&out)?, // (heads, tokens, v)
-            MlaPath::Naive => out,
+                Tensor::cat(&outputs, 1)?
+            }
         };
         // (heads, tokens, v) -> (tokens, heads * v)
         let out = out.transpose(0, 1)?.reshape((tokens, h * self.v_dim))?;
