@@ -8,9 +8,14 @@ context of at least the text's length, so both score the same tokens in one wind
 both counted the same number of tokens (the tokenizers agree id for id on the fixtures' texts, see
 tests/fixtures/gguf-models/tokenize.json).
 
+With `--exact-reference`, each quantized file is also rewritten with every tensor dequantized to F32 (the
+`gguf` package's dequantization: the exact weights, no 8-bit activations) and tiefsee's perplexity on that copy
+is printed as the reference each engine's quantized result can be measured against; when the two engines
+disagree, this says which one departs from the weights the file holds.
+
 Usage:
   .venv/bin/python bench/perplexity_llamacpp.py FILE.gguf [FILE.gguf ...] [--text FILE] [--tiefsee BIN]
-      [--cache-type bf16|f32|q8] [--json-out results.json]
+      [--cache-type bf16|f32|q8] [--exact-reference] [--json-out results.json]
 With no file: the quantized fixtures (tests/fixtures/gguf-models/*.q8_0.gguf, *.q4_k_m.gguf). With no --text,
 a fixed mixed-language text (the golden perplexity texts of the fixtures, repeated to about 300 tokens).
 """
@@ -67,6 +72,31 @@ def tiefsee_perplexity(tiefsee: Path, path: Path, text_file: Path, ctx: int, cac
     return result["perplexity"], result["tokens"]
 
 
+def dequantized_copy(path: Path, out: Path) -> None:
+    """Writes `path` to `out` with its metadata unchanged and every tensor as F32 (F16 ones kept as they are)."""
+    import gguf  # noqa: PLC0415
+
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        kind = field.types[0]
+        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), kind, sub_type=sub_type)
+    for tensor in reader.tensors:
+        shape = [int(x) for x in reversed(tensor.shape)]
+        if tensor.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            data = np.array(tensor.data).reshape(shape)
+        else:
+            data = gguf.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(shape)
+        writer.add_tensor(tensor.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="*", type=Path)
@@ -74,6 +104,8 @@ def main() -> int:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--tiefsee", type=Path, default=REPO / "target" / "release" / "tiefsee")
     ap.add_argument("--cache-type", default="bf16", choices=["f32", "bf16", "q8"])
+    ap.add_argument("--exact-reference", action="store_true",
+                    help="also score an F32 copy with every tensor dequantized (the exact weights)")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
     files = args.files or sorted(
@@ -90,14 +122,28 @@ def main() -> int:
             if ours is None or peer_tokens != our_tokens:
                 print(f"{path.name}: llama.cpp scored {peer_tokens} tokens, tiefsee {our_tokens}", file=sys.stderr)
                 return 1
-            rows.append({"model": path.name, "tokens": our_tokens, "llama_cpp_ppl": peer, "tiefsee_ppl": ours,
-                         "relative_difference": ours / peer - 1})
+            row = {"model": path.name, "tokens": our_tokens, "llama_cpp_ppl": peer, "tiefsee_ppl": ours,
+                   "relative_difference": ours / peer - 1}
+            if args.exact_reference:
+                with tempfile.TemporaryDirectory() as tmp:
+                    exact_path = Path(tmp) / "exact.gguf"
+                    dequantized_copy(path, exact_path)
+                    exact, _ = tiefsee_perplexity(args.tiefsee, exact_path, Path(f.name), peer_tokens + 8, "f32")
+                row |= {"exact_weights_ppl": exact, "llama_cpp_vs_exact": peer / exact - 1,
+                        "tiefsee_vs_exact": ours / exact - 1}
+            rows.append(row)
     print(f"tiefsee cache {args.cache_type}, {args.threads} threads")
-    print("| model | tokens | llama.cpp ppl | tiefsee ppl | difference |")
-    print("|---|---|---|---|---|")
+    exact = args.exact_reference
+    print("| model | tokens | llama.cpp ppl | tiefsee ppl | difference |"
+          + (" exact weights ppl | llama.cpp vs exact | tiefsee vs exact |" if exact else ""))
+    print("|---|---|---|---|---|" + ("---|---|---|" if exact else ""))
     for r in rows:
-        print(f"| {r['model']} | {r['tokens']} | {r['llama_cpp_ppl']:.4f} | {r['tiefsee_ppl']:.4f} | "
-              f"{100 * r['relative_difference']:+.3f}% |")
+        line = (f"| {r['model']} | {r['tokens']} | {r['llama_cpp_ppl']:.4f} | {r['tiefsee_ppl']:.4f} | "
+                f"{100 * r['relative_difference']:+.3f}% |")
+        if exact:
+            line += (f" {r['exact_weights_ppl']:.4f} | {100 * r['llama_cpp_vs_exact']:+.3f}% |"
+                     f" {100 * r['tiefsee_vs_exact']:+.3f}% |")
+        print(line)
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
