@@ -1,7 +1,7 @@
 //! Run-time choice of the instruction set every kernel dispatches on.
 //!
-//! Detected once per process. `TIEFSEE_ISA=scalar` forces the scalar reference kernels everywhere
-//! (for debugging and for comparing against them in benchmarks).
+//! Detected once per process. `TIEFSEE_ISA=scalar` forces the scalar reference kernels everywhere and
+//! `TIEFSEE_ISA=avx2` caps an AVX-512 machine at AVX2 (for debugging and for comparing in benchmarks).
 
 use std::sync::OnceLock;
 
@@ -12,6 +12,8 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 with FMA and F16C (Haswell, Zen and later).
     Avx2,
+    /// AVX2 plus AVX-512 F, BW, VL and VNNI (Ice Lake, Sapphire Rapids, Zen 4 and later).
+    Avx512,
 }
 
 impl Isa {
@@ -20,19 +22,22 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
         }
     }
 }
 
-/// The best instruction set this CPU supports (detected on first call), unless `TIEFSEE_ISA=scalar`.
+/// The best instruction set this CPU supports (detected on first call), capped by `TIEFSEE_ISA`
+/// (`scalar` or `avx2`; other values are ignored).
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        if std::env::var("TIEFSEE_ISA").is_ok_and(|v| v.eq_ignore_ascii_case("scalar")) {
-            Isa::Scalar
-        } else {
-            detected()
-        }
+        let cap = match std::env::var("TIEFSEE_ISA") {
+            Ok(v) if v.eq_ignore_ascii_case("scalar") => Isa::Scalar,
+            Ok(v) if v.eq_ignore_ascii_case("avx2") => Isa::Avx2,
+            _ => Isa::Avx512,
+        };
+        detected().min(cap)
     })
 }
 
@@ -44,6 +49,13 @@ pub fn detected() -> Isa {
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                return Isa::Avx512;
+            }
             return Isa::Avx2;
         }
     }

@@ -14,6 +14,8 @@
 mod activations;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -382,8 +384,28 @@ impl QMatrix {
             }
         };
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 {
-            // SAFETY (all arms): isa is Avx2 only when cpu::detected() found AVX2, FMA and F16C.
+        if isa >= Isa::Avx512 {
+            // SAFETY (all arms): isa is Avx512 only when cpu::detected() found AVX-512 F/BW/VL, VNNI,
+            // AVX2, FMA and F16C.
+            match self.format {
+                // One token is memory-bound: the AVX2 kernels stream as fast.
+                Format::Q4_0 if T > 1 => {
+                    return each_row(&|row| unsafe { avx512::dot_q4_0(row, &toks) });
+                }
+                Format::Q5_0 if T > 1 => {
+                    return each_row(&|row| unsafe { avx512::dot_q5_0(row, &toks) });
+                }
+                Format::Q8_0 if T > 1 => {
+                    return each_row(&|row| unsafe { avx512::dot_q8_0(row, &toks) });
+                }
+                Format::Q6K => return each_row(&|row| unsafe { avx512::dot_q6_k(row, &toks) }),
+                // no faster AVX-512 kernel: the AVX2 one below
+                _ => {}
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx2 {
+            // SAFETY (all arms): isa is Avx2 or better only when cpu::detected() found AVX2, FMA and F16C.
             match self.format {
                 Format::Q4_0 => each_row(&|row| unsafe { avx2::dot_q4_0(row, &toks) }),
                 Format::Q4_1 => each_row(&|row| unsafe { avx2::dot_q4_1(row, &toks) }),

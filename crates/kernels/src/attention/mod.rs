@@ -517,7 +517,7 @@ impl Kernel {
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     fn select(isa: Isa, layout: &RowLayout) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2
+        if isa >= Isa::Avx2
             && layout.key_width.is_multiple_of(8)
             && layout.value_width.is_multiple_of(8)
         {

@@ -106,7 +106,7 @@ impl Activations {
 /// Quantizes one token's values `x` into `qs`, `d` and the sums of each 16 quants `bsums`.
 fn quantize_token(format: ActFormat, x: &[f32], qs: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
     #[cfg(target_arch = "x86_64")]
-    if cpu::detected() == Isa::Avx2 {
+    if cpu::detected() >= Isa::Avx2 {
         // SAFETY: the CPU has AVX2, FMA and F16C.
         return unsafe { quantize_token_avx2(format, x, qs, d, bsums) };
     }

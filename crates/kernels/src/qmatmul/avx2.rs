@@ -28,7 +28,7 @@ fn f16_to_f32(bits: u16) -> f32 {
 
 /// The little-endian f16 at `at` of `block`, as f32.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn f16_at(block: &[u8], at: usize) -> f32 {
+pub(super) fn f16_at(block: &[u8], at: usize) -> f32 {
     f16_to_f32(u16::from_le_bytes([block[at], block[at + 1]]))
 }
 
@@ -40,7 +40,7 @@ const PREFETCH_DISTANCE: usize = 1024;
 /// memory bandwidth.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch_ahead(bytes: &[u8]) {
+pub(super) fn prefetch_ahead(bytes: &[u8]) {
     let ahead = bytes.as_ptr().wrapping_add(PREFETCH_DISTANCE);
     for line in (0..bytes.len()).step_by(64) {
         // A prefetch never faults, so an address past the end of the weights is harmless.
@@ -50,7 +50,7 @@ fn prefetch_ahead(bytes: &[u8]) {
 
 /// Sum of the eight lanes.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
@@ -61,7 +61,7 @@ fn hsum(v: __m256) -> f32 {
 /// # Safety
 /// `p..p + 32` must be readable.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load<T>(p: *const T) -> __m256i {
+pub(super) unsafe fn load<T>(p: *const T) -> __m256i {
     // SAFETY: the caller guarantees 32 readable bytes; loadu has no alignment requirement.
     unsafe { _mm256_loadu_si256(p.cast()) }
 }
@@ -109,7 +109,12 @@ fn control(table: &[i8; 32]) -> __m256i {
 }
 
 /// Panics unless every token has `n` quants (and `n / block` scales): the bounds every raw load relies on.
-fn check_tokens<const T: usize>(toks: &[Token; T], n: usize, block: usize, with_bsums: bool) {
+pub(super) fn check_tokens<const T: usize>(
+    toks: &[Token; T],
+    n: usize,
+    block: usize,
+    with_bsums: bool,
+) {
     for t in toks {
         assert!(t.qs.len() == n && t.d.len() == n / block);
         assert!(!with_bsums || t.bsums.len() == n / 16);
@@ -215,7 +220,7 @@ unsafe fn dot_legacy<const T: usize>(
 /// The 32 bits at `block[at..at + 4]` as 32 bytes: 0xFF where the bit is set, else 0 (llama.cpp's
 /// `bytes_from_bits_32`).
 #[target_feature(enable = "avx2,fma,f16c")]
-fn bytes_from_bits(block: &[u8], at: usize) -> __m256i {
+pub(super) fn bytes_from_bits(block: &[u8], at: usize) -> __m256i {
     let bits = i32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
     // Byte j gets source byte j / 8, then every bit but j % 8 is set: all ones iff bit j was.
     let spread = _mm256_set_epi64x(
@@ -231,12 +236,35 @@ fn bytes_from_bits(block: &[u8], at: usize) -> __m256i {
 
 /// The 32 levels of a block's 16 nibble bytes at `at`: low nibbles (elements 0..16), then high.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn nibbles(block: &[u8], at: usize) -> __m256i {
+pub(super) fn nibbles(block: &[u8], at: usize) -> __m256i {
     // SAFETY: the 16 bytes at `at` are in the block (indexing checks them).
     let q = unsafe { _mm_loadu_si128(block[at..at + 16].as_ptr().cast()) };
     _mm256_and_si256(
         _mm256_set_m128i(_mm_srli_epi16::<4>(q), q),
         _mm256_set1_epi8(0xF),
+    )
+}
+
+/// The 32 signed levels of a Q8_0 block (34 bytes: f16 d, 32 i8).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn levels_q8_0(block: &[u8]) -> __m256i {
+    // SAFETY: the 32 bytes after the scale are in the block (indexing checks them).
+    unsafe { load(block[2..34].as_ptr()) }
+}
+
+/// The 32 signed levels `q - 8` of a Q4_0 block (18 bytes: f16 d, 16 nibble bytes).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn levels_q4_0(block: &[u8]) -> __m256i {
+    _mm256_sub_epi8(nibbles(block, 2), _mm256_set1_epi8(8))
+}
+
+/// The 32 signed levels `q - 16` of a Q5_0 block (22 bytes: f16 d, 32 fifth bits, 16 nibble bytes).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn levels_q5_0(block: &[u8]) -> __m256i {
+    // q - 16 in two's complement is the nibble with the top four bits set, unless the fifth bit is.
+    _mm256_or_si256(
+        nibbles(block, 6),
+        _mm256_andnot_si256(bytes_from_bits(block, 2), _mm256_set1_epi8(0xF0u8 as i8)),
     )
 }
 
@@ -248,8 +276,8 @@ fn nibbles(block: &[u8], at: usize) -> __m256i {
 pub(crate) unsafe fn dot_q8_0<const T: usize>(row: &[u8], toks: &[Token; T]) -> [f32; T] {
     let step = |block: &[u8], b, acc: &mut [__m256; T], _: &mut [f32; T]| {
         let d = _mm256_set1_ps(f16_at(block, 0));
-        // SAFETY: a 34-byte block has 32 quant bytes after its scale; dot_legacy checked the tokens.
-        unsafe { signed_block(load(block[2..34].as_ptr()), d, toks, b, acc) };
+        // SAFETY: dot_legacy checked the tokens.
+        unsafe { signed_block(levels_q8_0(block), d, toks, b, acc) };
     };
     // SAFETY: the caller guarantees the CPU features.
     unsafe { dot_legacy(row, toks, 34, step) }
@@ -261,12 +289,10 @@ pub(crate) unsafe fn dot_q8_0<const T: usize>(row: &[u8], toks: &[Token; T]) -> 
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q4_0<const T: usize>(row: &[u8], toks: &[Token; T]) -> [f32; T] {
-    let eight = _mm256_set1_epi8(8);
     let step = |block: &[u8], b, acc: &mut [__m256; T], _: &mut [f32; T]| {
         let d = _mm256_set1_ps(f16_at(block, 0));
-        let w = _mm256_sub_epi8(nibbles(block, 2), eight);
         // SAFETY: dot_legacy checked the tokens.
-        unsafe { signed_block(w, d, toks, b, acc) };
+        unsafe { signed_block(levels_q4_0(block), d, toks, b, acc) };
     };
     // SAFETY: the caller guarantees the CPU features.
     unsafe { dot_legacy(row, toks, 18, step) }
@@ -279,16 +305,10 @@ pub(crate) unsafe fn dot_q4_0<const T: usize>(row: &[u8], toks: &[Token; T]) -> 
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q5_0<const T: usize>(row: &[u8], toks: &[Token; T]) -> [f32; T] {
-    let high = _mm256_set1_epi8(0xF0u8 as i8);
     let step = |block: &[u8], b, acc: &mut [__m256; T], _: &mut [f32; T]| {
         let d = _mm256_set1_ps(f16_at(block, 0));
-        // q - 16 in two's complement is the nibble with the top four bits set, unless the fifth bit is.
-        let w = _mm256_or_si256(
-            nibbles(block, 6),
-            _mm256_andnot_si256(bytes_from_bits(block, 2), high),
-        );
         // SAFETY: dot_legacy checked the tokens.
-        unsafe { signed_block(w, d, toks, b, acc) };
+        unsafe { signed_block(levels_q5_0(block), d, toks, b, acc) };
     };
     // SAFETY: the caller guarantees the CPU features.
     unsafe { dot_legacy(row, toks, 22, step) }
@@ -333,7 +353,7 @@ pub(crate) unsafe fn dot_q5_1<const T: usize>(row: &[u8], toks: &[Token; T]) -> 
 /// The eight 6-bit scales and eight 6-bit mins of Q4_K/Q5_K's 12 packed bytes (ggml's `utmp` shuffle:
 /// four sub-blocks in the low 6 bits of bytes 0..4 and 4..8, the other four split over nibbles of
 /// bytes 8..12 and the top 2 bits of bytes 0..8).
-fn k4_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(super) fn k4_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let word = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
     let (u0, u1, u2) = (word(0), word(1), word(2));
     let (low6, low4, top2) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);

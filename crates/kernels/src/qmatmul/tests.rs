@@ -89,6 +89,43 @@ fn reassociation_bound(w: &[f32], tok: &Token, block: usize) -> f32 {
     1e-5 * w.iter().zip(a).map(|(w, a)| (w * a).abs()).sum::<f32>() + 1e-30
 }
 
+/// A SIMD kernel under test: one row against four tokens, and against one.
+type SimdDots<'a> = &'a dyn Fn(&[u8], &[Token; 4], &[Token; 1]) -> ([f32; 4], [f32; 1]);
+
+/// Checks `simd` (one row against four tokens, and against one) for `format` against the scalar dot
+/// products, on rows of `cols` values.
+fn check_dots_against_scalar(
+    isa: &str,
+    ty: GgmlType,
+    format: Format,
+    cols: usize,
+    simd: SimdDots,
+) {
+    let w = values(cols, ty.id().into(), 0.1);
+    let row = quantize(ty, &w).unwrap();
+    let w = tiefsee_gguf::dequantize(ty, &row, cols).unwrap();
+    let x = values(4 * cols, 99, 1.0);
+    let mut acts = Activations::default();
+    acts.quantize(format.activations(), &x, cols);
+    let toks: [Token; 4] = std::array::from_fn(|t| acts.token(t, 0..cols));
+    let (four, single) = simd(&row, &toks, &[toks[2]]);
+    assert_eq!(
+        single[0].to_bits(),
+        four[2].to_bits(),
+        "{isa} {ty:?} cols {cols}: one token vs four"
+    );
+    let scalar_dot = format.scalar_dot();
+    for (t, tok) in toks.iter().enumerate() {
+        let reference = scalar_dot(&row, tok);
+        let bound = reassociation_bound(&w, tok, format.activations().block_size());
+        assert!(
+            (four[t] - reference).abs() <= bound,
+            "{isa} {ty:?} cols {cols} token {t}: {} vs scalar {reference} (bound {bound})",
+            four[t]
+        );
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn avx2_dot_products_match_scalar() {
@@ -97,82 +134,92 @@ fn avx2_dot_products_match_scalar() {
         eprintln!("skipped: this CPU lacks AVX2/FMA/F16C");
         return;
     }
-    let cols = 3 * QK_K;
     for (ty, format) in FORMATS {
-        let w = values(cols, ty.id().into(), 0.1);
-        let row = quantize(ty, &w).unwrap();
-        let w = tiefsee_gguf::dequantize(ty, &row, cols).unwrap();
-        let x = values(4 * cols, 99, 1.0);
-        let mut acts = Activations::default();
-        acts.quantize(format.activations(), &x, cols);
-        let toks: [Token; 4] = std::array::from_fn(|t| acts.token(t, 0..cols));
-        let scalar_dot = format.scalar_dot();
         // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
-        let simd: Vec<f32> = unsafe {
+        let simd = |row: &[u8], four: &[Token; 4], one: &[Token; 1]| unsafe {
             match format {
-                Format::Q4_0 => avx2::dot_q4_0::<4>(&row, &toks).to_vec(),
-                Format::Q4_1 => avx2::dot_q4_1::<4>(&row, &toks).to_vec(),
-                Format::Q5_0 => avx2::dot_q5_0::<4>(&row, &toks).to_vec(),
-                Format::Q5_1 => avx2::dot_q5_1::<4>(&row, &toks).to_vec(),
-                Format::Q8_0 => avx2::dot_q8_0::<4>(&row, &toks).to_vec(),
-                Format::Q4K => avx2::dot_q4_k::<4>(&row, &toks).to_vec(),
-                Format::Q5K => avx2::dot_q5_k::<4>(&row, &toks).to_vec(),
-                Format::Q6K => avx2::dot_q6_k::<4>(&row, &toks).to_vec(),
+                Format::Q4_0 => (avx2::dot_q4_0(row, four), avx2::dot_q4_0(row, one)),
+                Format::Q4_1 => (avx2::dot_q4_1(row, four), avx2::dot_q4_1(row, one)),
+                Format::Q5_0 => (avx2::dot_q5_0(row, four), avx2::dot_q5_0(row, one)),
+                Format::Q5_1 => (avx2::dot_q5_1(row, four), avx2::dot_q5_1(row, one)),
+                Format::Q8_0 => (avx2::dot_q8_0(row, four), avx2::dot_q8_0(row, one)),
+                Format::Q4K => (avx2::dot_q4_k(row, four), avx2::dot_q4_k(row, one)),
+                Format::Q5K => (avx2::dot_q5_k(row, four), avx2::dot_q5_k(row, one)),
+                Format::Q6K => (avx2::dot_q6_k(row, four), avx2::dot_q6_k(row, one)),
             }
         };
-        // SAFETY: as above.
-        let single = unsafe {
+        check_dots_against_scalar("avx2", ty, format, 3 * QK_K, &simd);
+    }
+}
+
+/// The AVX-512 kernels (Q4_0, Q5_0, Q8_0, Q6_K), on rows of an even and (for the legacy types, whose
+/// blocks go in pairs) an odd number of blocks. Runs where the CPU has AVX-512 F/BW/VL and VNNI.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_dot_products_match_scalar() {
+    use super::avx512;
+    if cpu::detected() < Isa::Avx512 {
+        eprintln!("skipped: this CPU lacks AVX-512 F/BW/VL/VNNI");
+        return;
+    }
+    for (ty, format) in FORMATS {
+        // SAFETY: the CPU has AVX-512 F/BW/VL, VNNI, AVX2, FMA and F16C (checked above).
+        let simd = |row: &[u8], four: &[Token; 4], one: &[Token; 1]| unsafe {
             match format {
-                Format::Q4_0 => avx2::dot_q4_0::<1>(&row, &[toks[2]]),
-                Format::Q4_1 => avx2::dot_q4_1::<1>(&row, &[toks[2]]),
-                Format::Q5_0 => avx2::dot_q5_0::<1>(&row, &[toks[2]]),
-                Format::Q5_1 => avx2::dot_q5_1::<1>(&row, &[toks[2]]),
-                Format::Q8_0 => avx2::dot_q8_0::<1>(&row, &[toks[2]]),
-                Format::Q4K => avx2::dot_q4_k::<1>(&row, &[toks[2]]),
-                Format::Q5K => avx2::dot_q5_k::<1>(&row, &[toks[2]]),
-                Format::Q6K => avx2::dot_q6_k::<1>(&row, &[toks[2]]),
+                Format::Q4_0 => (avx512::dot_q4_0(row, four), avx512::dot_q4_0(row, one)),
+                Format::Q5_0 => (avx512::dot_q5_0(row, four), avx512::dot_q5_0(row, one)),
+                Format::Q8_0 => (avx512::dot_q8_0(row, four), avx512::dot_q8_0(row, one)),
+                Format::Q6K => (avx512::dot_q6_k(row, four), avx512::dot_q6_k(row, one)),
+                Format::Q4_1 | Format::Q5_1 | Format::Q4K | Format::Q5K => {
+                    unreachable!("filtered out below")
+                }
             }
         };
-        assert_eq!(
-            single[0].to_bits(),
-            simd[2].to_bits(),
-            "{ty:?}: one token vs four"
-        );
-        for (t, tok) in toks.iter().enumerate() {
-            let reference = scalar_dot(&row, tok);
-            let bound = reassociation_bound(&w, tok, format.activations().block_size());
-            assert!(
-                (simd[t] - reference).abs() <= bound,
-                "{ty:?} token {t}: avx2 {} vs scalar {reference} (bound {bound})",
-                simd[t]
-            );
+        if matches!(
+            format,
+            Format::Q4_1 | Format::Q5_1 | Format::Q4K | Format::Q5K
+        ) {
+            continue;
+        }
+        check_dots_against_scalar("avx512", ty, format, 3 * QK_K, &simd);
+        if format.activations() == ActFormat::Q8_0 {
+            check_dots_against_scalar("avx512", ty, format, 7 * 32, &simd);
         }
     }
 }
 
+/// Whole products through `matmul_batch_with` for every SIMD level this CPU has, against the scalar
+/// kernels (AVX-512 falls back to AVX2 for the types it has no kernel for).
 #[test]
-fn avx2_matmul_matches_scalar_matmul() {
-    for (ty, _) in FORMATS {
-        let (rows, cols) = (37, 2 * QK_K);
-        let bytes = quantize(ty, &values(rows * cols, 3, 0.05)).unwrap();
-        let m = QMatrix::new(ty, rows, cols, WeightBytes::from_vec(bytes)).unwrap();
-        for tokens in [1, 3, 6, 17] {
-            let x = values(tokens * cols, tokens as u64, 1.0);
-            let (mut fast, mut slow) = (vec![0f32; tokens * rows], vec![0f32; tokens * rows]);
-            for (isa, out) in [(Isa::Avx2, &mut fast), (Isa::Scalar, &mut slow)] {
-                let job = MatmulJob {
-                    matrix: &m,
-                    x: &x,
-                    out,
-                };
-                matmul_batch_with(isa, &mut [job]).unwrap();
-            }
-            let scale = slow.iter().fold(0f32, |a, v| a.max(v.abs()));
-            for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
-                assert!(
-                    (f - s).abs() <= 1e-5 * scale,
-                    "{ty:?} tokens {tokens} index {i}: {f} vs {s}"
-                );
+fn simd_matmul_matches_scalar_matmul() {
+    for isa in [Isa::Avx2, Isa::Avx512] {
+        if cpu::detected() < isa {
+            eprintln!("skipped {}: not supported by this CPU", isa.name());
+            continue;
+        }
+        for (ty, _) in FORMATS {
+            let (rows, cols) = (37, 2 * QK_K);
+            let bytes = quantize(ty, &values(rows * cols, 3, 0.05)).unwrap();
+            let m = QMatrix::new(ty, rows, cols, WeightBytes::from_vec(bytes)).unwrap();
+            for tokens in [1, 3, 6, 17] {
+                let x = values(tokens * cols, tokens as u64, 1.0);
+                let (mut fast, mut slow) = (vec![0f32; tokens * rows], vec![0f32; tokens * rows]);
+                for (isa, out) in [(isa, &mut fast), (Isa::Scalar, &mut slow)] {
+                    let job = MatmulJob {
+                        matrix: &m,
+                        x: &x,
+                        out,
+                    };
+                    matmul_batch_with(isa, &mut [job]).unwrap();
+                }
+                let scale = slow.iter().fold(0f32, |a, v| a.max(v.abs()));
+                for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
+                    assert!(
+                        (f - s).abs() <= 1e-5 * scale,
+                        "{} {ty:?} tokens {tokens} index {i}: {f} vs {s}",
+                        isa.name()
+                    );
+                }
             }
         }
     }
