@@ -5,7 +5,9 @@
 //! each test first (candle repacks quantized weights on first use), then `-r` timed repetitions, each
 //! on a fresh cache holding `--depth` tokens that are not timed; pp is one forward pass over `-p` tokens
 //! with logits for the last one only, tg is `-n` forward passes of one token each. Reported: mean and
-//! standard deviation of the per-repetition tokens/s.
+//! standard deviation of the per-repetition tokens/s. With `--parallel N`, tg decodes N sequences at
+//! once (one token of each per step, through the paged cache, as the server batches them) and reports
+//! the tokens of all of them per second, as `llama-batched-bench` does.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -14,7 +16,7 @@ use anyhow::bail;
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use tiefsee_model::Logits;
+use tiefsee_model::{Logits, Segment};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -36,6 +38,11 @@ pub struct BenchArgs {
     /// Tokens already in the cache before each test (not timed).
     #[arg(short = 'd', long, default_value_t = 0)]
     depth: usize,
+    /// Sequences decoded together in tg (as `llama-batched-bench`'s parallel sequences): each step
+    /// feeds one token of every sequence through the paged cache, as the server's continuous batching
+    /// does; tg reports all sequences' tokens per second.
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -64,6 +71,9 @@ pub fn check(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.threads == Some(0) {
         bail!("-t must be at least 1");
+    }
+    if args.parallel == 0 {
+        bail!("--parallel must be at least 1");
     }
     Ok(())
 }
@@ -102,13 +112,52 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         model.forward(&prompt, &mut cache, Logits::Last)?;
         Ok(prompt.len() as f64 / start.elapsed().as_secs_f64())
     };
-    let run_tg = |n: usize| -> anyhow::Result<f64> {
-        let mut cache = fresh(n)?;
-        let start = Instant::now();
-        for &t in &gen_tokens[..n] {
-            model.forward(&[t], &mut cache, Logits::Last)?;
+    // With --parallel, every sequence owns `longest` consecutive slots of one paged cache, each
+    // prefilled with the depth tokens once.
+    let parallel = args.parallel;
+    let tables: Vec<Vec<usize>> = (0..parallel)
+        .map(|i| (i * longest..(i + 1) * longest).collect())
+        .collect();
+    let table_refs = || tables.iter().map(Vec::as_slice).collect::<Vec<_>>();
+    let paged_at_depth = if parallel > 1 {
+        let mut cache = model.new_paged_cache(parallel * longest)?;
+        if !depth_tokens.is_empty() {
+            for table in &tables {
+                let segment = Segment {
+                    tokens: &depth_tokens,
+                    start: 0,
+                    logits: None,
+                };
+                model.forward_paged(&[segment], &mut cache, vec![table.as_slice()])?;
+            }
         }
-        Ok(n as f64 / start.elapsed().as_secs_f64())
+        Some(cache)
+    } else {
+        None
+    };
+    let run_tg = |n: usize| -> anyhow::Result<f64> {
+        let Some(paged) = &paged_at_depth else {
+            let mut cache = fresh(n)?;
+            let start = Instant::now();
+            for &t in &gen_tokens[..n] {
+                model.forward(&[t], &mut cache, Logits::Last)?;
+            }
+            return Ok(n as f64 / start.elapsed().as_secs_f64());
+        };
+        let mut cache = paged.clone();
+        let start = Instant::now();
+        for (step, t) in gen_tokens[..n].iter().enumerate() {
+            let token = [*t];
+            let segments: Vec<Segment> = (0..parallel)
+                .map(|_| Segment {
+                    tokens: &token,
+                    start: args.depth + step,
+                    logits: Some(Logits::Last),
+                })
+                .collect();
+            model.forward_paged(&segments, &mut cache, table_refs())?;
+        }
+        Ok((n * parallel) as f64 / start.elapsed().as_secs_f64())
     };
 
     let mut pp = Vec::new();
@@ -130,7 +179,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let (pp_stat, tg_stat) = (stat(&pp), stat(&tg));
     // The memory-bandwidth roofline of decoding: every weight a token uses plus the cache rows it
     // attends to (on average over the test), read once per token at the machine's read bandwidth.
-    let roofline = (args.n_gen > 0).then(|| {
+    // (Sequences decoded together share the weights they read: no such bound applies to them.)
+    let roofline = (args.n_gen > 0 && parallel == 1).then(|| {
         let bandwidth = read_bandwidth();
         let kv_rows = args.depth as f64 + (args.n_gen as f64 + 1.0) / 2.0;
         let bytes = info.weight_bytes_per_token as f64 + info.kv_bytes_per_token as f64 * kv_rows;
@@ -151,6 +201,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
             "p": args.n_prompt,
             "n": args.n_gen,
             "depth": args.depth,
+            "parallel": parallel,
             "repetitions": args.repetitions,
             "pp_tps": pp_stat.map(|s| s.0),
             "pp_tps_std": pp_stat.map(|s| s.1),
@@ -186,9 +237,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "| {:-<32} | {:->10} | {:->7} | {:->16} | {:->20} |",
         "", "", "", "", ""
     );
+    let parallel_label = if parallel > 1 {
+        format!(" x{parallel}")
+    } else {
+        String::new()
+    };
     let rows = [
         (format!("pp{}{depth_label}", args.n_prompt), pp_stat),
-        (format!("tg{}{depth_label}", args.n_gen), tg_stat),
+        (
+            format!("tg{}{parallel_label}{depth_label}", args.n_gen),
+            tg_stat,
+        ),
     ];
     for (test, stat) in rows {
         if let Some((mean, std)) = stat {

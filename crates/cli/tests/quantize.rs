@@ -481,6 +481,30 @@ fn bench_reports_rates_as_json() {
     assert!(v["kv_bytes_per_token"].as_u64().unwrap() > 0);
     assert!(v["model"].as_str().unwrap().ends_with("qwen2"));
 
+    // Sequences decoded together, each at the depth: all their tokens counted, no roofline (weights
+    // are shared between them).
+    let out = bench(&[
+        "-p",
+        "0",
+        "-n",
+        "3",
+        "-r",
+        "1",
+        "--depth",
+        "8",
+        "--parallel",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["parallel"], 4);
+    assert!(v["tg_tps"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["tg_roofline_tps"].is_null(), "{v}");
+    let table = bench(&["-p", "0", "-n", "2", "-r", "1", "--parallel", "3"]);
+    assert!(table.status.success(), "{}", stderr(&table));
+    assert!(String::from_utf8_lossy(&table.stdout).contains("tg2 x3"));
+
     let table = bench(&["-p", "8", "-n", "0", "-r", "1"]);
     assert!(table.status.success(), "{}", stderr(&table));
     let text = String::from_utf8_lossy(&table.stdout);
@@ -493,6 +517,7 @@ fn bench_refuses_bad_values() {
         (&["-p", "0", "-n", "0"][..], "nothing to measure"),
         (&["-r", "0"][..], "-r must be at least 1"),
         (&["-t", "0"][..], "-t must be at least 1"),
+        (&["--parallel", "0"][..], "--parallel must be at least 1"),
         (&["-p", "600"][..], "context"),
     ] {
         let out = bench(args);

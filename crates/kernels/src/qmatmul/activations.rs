@@ -113,8 +113,9 @@ fn quantize_token(format: ActFormat, x: &[f32], qs: &mut [i8], d: &mut [f32], bs
     quantize_token_portable(format, x, qs, d, bsums);
 }
 
-/// [`quantize_token_portable`] compiled for AVX2: the same operations, so the same bits, but with
-/// `round` inlined instead of a call to libm's `roundf`, and vectorized.
+/// [`quantize_token_portable`] with AVX2 intrinsics, bit for bit: the same scalar scale per block, the
+/// same products, round-half-away-from-zero (Q8_0) or to-even (Q8_K) done exactly on whole vectors,
+/// and the sums of each 16 quants taken before packing to bytes.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
@@ -127,7 +128,97 @@ unsafe fn quantize_token_avx2(
     d: &mut [f32],
     bsums: &mut [i16],
 ) {
-    quantize_token_portable(format, x, qs, d, bsums);
+    use std::arch::x86_64::*;
+
+    let block = format.block_size();
+    assert!(
+        qs.len() == x.len() && d.len() * block == x.len() && bsums.len() * 16 == x.len(),
+        "quantize_token: mismatched buffers"
+    );
+    let sign_bit = _mm256_set1_ps(-0.0);
+    let abs = |v: __m256| _mm256_andnot_ps(sign_bit, v);
+    let hmax = |v: __m256| {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
+    };
+    let hsum = |v: __m256i| {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)))
+    };
+    // packs_epi32 and packs_epi16 interleave 128-bit lanes; this puts the 32 bytes back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    for (((x, qs), d), bsums) in x
+        .chunks_exact(block)
+        .zip(qs.chunks_exact_mut(block))
+        .zip(d.iter_mut())
+        .zip(bsums.chunks_exact_mut(block / 16))
+    {
+        // SAFETY: the loads below stay inside `x` (whole blocks of 32 or 256 values).
+        let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) };
+        let mut amax = _mm256_setzero_ps();
+        for i in 0..block / 8 {
+            amax = _mm256_max_ps(amax, abs(load(i)));
+        }
+        let amax = hmax(amax);
+        // Packs the levels of each eight values (`levels(i)`, as i32) into the block's bytes, with the
+        // sums of each 16.
+        let store = |levels: &dyn Fn(usize) -> __m256i, qs: &mut [i8], bsums: &mut [i16]| {
+            for (j, (qs, sums)) in qs
+                .chunks_exact_mut(32)
+                .zip(bsums.chunks_exact_mut(2))
+                .enumerate()
+            {
+                let q: [__m256i; 4] = std::array::from_fn(|k| levels(4 * j + k));
+                sums[0] = hsum(_mm256_add_epi32(q[0], q[1])) as i16;
+                sums[1] = hsum(_mm256_add_epi32(q[2], q[3])) as i16;
+                let bytes = _mm256_packs_epi16(
+                    _mm256_packs_epi32(q[0], q[1]),
+                    _mm256_packs_epi32(q[2], q[3]),
+                );
+                let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+                // SAFETY: `qs` is 32 bytes.
+                unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), bytes) };
+            }
+        };
+        match format {
+            ActFormat::Q8_0 => {
+                let scale = amax / 127.0;
+                let id = _mm256_set1_ps(if scale == 0.0 { 0.0 } else { 1.0 / scale });
+                *d = half::f16::from_f32(scale).to_f32();
+                let levels = |i: usize| {
+                    let v = _mm256_mul_ps(load(i), id);
+                    // round half away from zero: truncate, then step away from zero if |frac| >= 0.5
+                    let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+                    let away = _mm256_cmp_ps::<_CMP_GE_OQ>(abs(_mm256_sub_ps(v, t)), half);
+                    let step = _mm256_and_ps(away, _mm256_or_ps(_mm256_and_ps(v, sign_bit), one));
+                    _mm256_cvttps_epi32(_mm256_add_ps(t, step))
+                };
+                store(&levels, qs, bsums);
+            }
+            ActFormat::Q8K if amax == 0.0 => {
+                qs.fill(0);
+                bsums.fill(0);
+                *d = 0.0;
+            }
+            ActFormat::Q8K => {
+                // the signed value of largest magnitude, the first one on ties
+                let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
+                let iscale = -127.0 / max;
+                *d = 1.0 / iscale;
+                let iscale = _mm256_set1_ps(iscale);
+                let cap = _mm256_set1_epi32(127);
+                let levels = |i: usize| {
+                    let v = _mm256_mul_ps(iscale, load(i));
+                    let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                    _mm256_min_epi32(_mm256_cvttps_epi32(r), cap)
+                };
+                store(&levels, qs, bsums);
+            }
+        }
+    }
 }
 
 /// The body of [`quantize_token`].

@@ -39,6 +39,9 @@ fn activations_match_the_reference_quantizers() {
     x[5] = 0.0;
     x[cols..cols + QK_K].fill(0.0); // an all-zero block of each format
     x[40] = -9.0; // negative extremes choose the Q8_K sign
+    // A block whose scale is exactly 1 (Q8_0) or -1 (Q8_K), so that halves are rounding ties: away
+    // from zero in Q8_0, to even in Q8_K.
+    x[128..134].copy_from_slice(&[127.0, 2.5, -3.5, 0.5, -0.5, 126.5]);
     let mut acts = Activations::default();
 
     acts.quantize(ActFormat::Q8_0, &x, cols);
@@ -94,13 +97,7 @@ type SimdDots<'a> = &'a dyn Fn(&[u8], &[Token; 4], &[Token; 1]) -> ([f32; 4], [f
 
 /// Checks `simd` (one row against four tokens, and against one) for `format` against the scalar dot
 /// products, on rows of `cols` values.
-fn check_dots_against_scalar(
-    isa: &str,
-    ty: GgmlType,
-    format: Format,
-    cols: usize,
-    simd: SimdDots,
-) {
+fn check_dots_against_scalar(isa: &str, ty: GgmlType, format: Format, cols: usize, simd: SimdDots) {
     let w = values(cols, ty.id().into(), 0.1);
     let row = quantize(ty, &w).unwrap();
     let w = tiefsee_gguf::dequantize(ty, &row, cols).unwrap();
