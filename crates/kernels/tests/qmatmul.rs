@@ -11,6 +11,7 @@
 //! through the same checks (the unit tests compare the two directly).
 
 use tiefsee_gguf::{GgmlType, QK_K, dequantize, quantize};
+use tiefsee_kernels::cpu::{self, Isa};
 use tiefsee_kernels::{KernelError, MatmulJob, QMatrix, WeightBytes, matmul_batch};
 
 const TYPES: [GgmlType; 8] = [
@@ -98,6 +99,44 @@ fn matmul_is_within_the_8_bit_activation_budget() {
                 let mut out = vec![f32::NAN; tokens * rows];
                 m.matmul(&x, &mut out).unwrap();
                 check_product(ty, &w, &x, &out, rows, cols);
+            }
+        }
+    }
+}
+
+/// From 64 tokens on (on SIMD machines), Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 rows are decoded and multiplied
+/// by the f32 activations themselves: the result is then the exact product up to f32 rounding, far
+/// inside the 8-bit activation budget.
+#[test]
+fn a_legacy_prefill_multiplies_decoded_rows_in_f32() {
+    if cpu::isa() == Isa::Scalar {
+        eprintln!("skipped: the scalar kernels keep 8-bit activations");
+        return;
+    }
+    let (rows, cols, tokens) = (130, 2 * QK_K, 70);
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ] {
+        let (m, w) = matrix(ty, rows, cols, 77);
+        let x = values(tokens * cols, 78, 1.0);
+        let mut out = vec![f32::NAN; tokens * rows];
+        m.matmul(&x, &mut out).unwrap();
+        for (t, xt) in x.chunks_exact(cols).enumerate() {
+            for (r, wr) in w.chunks_exact(cols).enumerate() {
+                let (exact, magnitude) =
+                    wr.iter().zip(xt).fold((0f64, 0f64), |(e, m), (&w, &x)| {
+                        let p = f64::from(w) * f64::from(x);
+                        (e + p, m + p.abs())
+                    });
+                let got = f64::from(out[t * rows + r]);
+                assert!(
+                    (got - exact).abs() <= 1e-5 * magnitude + 1e-9,
+                    "{ty:?} token {t} row {r}: {got} vs exact {exact}"
+                );
             }
         }
     }
@@ -291,6 +330,8 @@ fn a_batch_equals_its_products_one_by_one() {
         (GgmlType::Q4_1, 1000, 2048, 1),
         (GgmlType::Q8_0, 128, 4096, 40),
         (GgmlType::Q5_K, 33, 512, 0),
+        // a legacy-format prefill: decoded rows times f32 activations
+        (GgmlType::Q5_0, 150, 512, 70),
     ];
     let ms: Vec<QMatrix> = shapes
         .iter()
