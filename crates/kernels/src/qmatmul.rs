@@ -5,7 +5,7 @@
 //! K-quants, see `qmatmul/activations.rs`) and every output is a sum of integer block dot products times the
 //! block scales, so results match llama.cpp's up to float summation order.
 //!
-//! One departure, for speed: from [`F32_MIN_TOKENS`] tokens on, the legacy formats (Q4_0, Q4_1, Q5_0,
+//! One departure, for speed: from 64 tokens on (`F32_MIN_TOKENS`), the legacy formats (Q4_0, Q4_1, Q5_0,
 //! Q5_1, Q8_0) are decoded a tile of rows at a time and multiplied by the f32 activations themselves
 //! with `gemm`'s f32 kernel. Their AVX2 byte products take about six instructions per 32 multiply-adds
 //! (the sign trick), an f32 FMA eight per instruction, and decoding a tile is paid once for all tokens.
