@@ -5,11 +5,13 @@
 //! K-quants, see `qmatmul/activations.rs`) and every output is a sum of integer block dot products times the
 //! block scales, so results match llama.cpp's up to float summation order.
 //!
-//! One departure, for speed: from 64 tokens on (`F32_MIN_TOKENS`), the legacy formats (Q4_0, Q4_1, Q5_0,
-//! Q5_1, Q8_0) are decoded a tile of rows at a time and multiplied by the f32 activations themselves
-//! with `gemm`'s f32 kernel. Their AVX2 byte products take about six instructions per 32 multiply-adds
-//! (the sign trick), an f32 FMA eight per instruction, and decoding a tile is paid once for all tokens.
-//! The result is then the exact product up to f32 rounding, not the 8-bit-activation one.
+//! One departure, for speed: from 32 tokens on (`F32_MIN_TOKENS`), the legacy formats (Q4_0, Q4_1, Q5_0,
+//! Q5_1, Q8_0) are decoded to f32 and multiplied by the f32 activations themselves: up to 255 tokens
+//! by `qmatmul/f32_tiles.rs`' register kernel, from 256 on (`GEMM_MIN_TOKENS`) by `gemm`'s f32 kernel
+//! over a decoded tile of rows. Their AVX2 byte products take about six instructions per 32
+//! multiply-adds (the sign trick, two integer multiplies, convert, scale, FMA), f32 FMAs four, and
+//! decoding is paid once for all tokens. The result is then the exact product up to f32 rounding,
+//! not the 8-bit-activation one.
 //!
 //! Work is split over rayon's global pool by tiles of weight rows. Inside a tile, tokens go in groups
 //! of up to four through one row at a time, so each weight row is read from memory once per call
@@ -22,6 +24,8 @@ mod activations;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod f32_tiles;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -103,6 +107,15 @@ enum Format {
     Q6K,
 }
 
+/// The two ways of the f32 path.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum F32Path {
+    /// `f32_tiles`' register kernel over the activations transposed once per batch.
+    Tiles,
+    /// `gemm`'s f32 kernel over a decoded tile of rows.
+    Gemm,
+}
+
 impl Format {
     /// The scalar reference dot product of one weight row with one token's activations.
     fn scalar_dot(self) -> fn(&[u8], &Token) -> f32 {
@@ -115,6 +128,20 @@ impl Format {
             Format::Q4K => scalar::dot_q4_k,
             Format::Q5K => scalar::dot_q5_k,
             Format::Q6K => scalar::dot_q6_k,
+        }
+    }
+
+    /// Bytes of one block of 32 values (legacy formats) or 256 (K-quants).
+    fn block_bytes(self) -> usize {
+        match self {
+            Format::Q4_0 => 18,
+            Format::Q4_1 => 20,
+            Format::Q5_0 => 22,
+            Format::Q5_1 => 24,
+            Format::Q8_0 => 34,
+            Format::Q4K => 144,
+            Format::Q5K => 176,
+            Format::Q6K => 210,
         }
     }
 
@@ -141,16 +168,21 @@ impl Format {
         }
     }
 
-    /// Whether a product over `tokens` on `isa` goes through f32 (see [`F32_MIN_TOKENS`]): the legacy
-    /// formats, whose byte products cost most, in a prefill, on SIMD machines (the scalar reference
-    /// keeps the integer path everywhere, for the tests that hold SIMD to it).
-    fn uses_f32(self, isa: Isa, tokens: usize) -> bool {
-        isa > Isa::Scalar
-            && tokens >= F32_MIN_TOKENS
-            && matches!(
-                self,
-                Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0
-            )
+    /// How a product over `tokens` on `isa` goes through f32, if it does (see [`F32_MIN_TOKENS`]): the
+    /// legacy formats, whose byte products cost most, for several tokens, on SIMD machines (the scalar
+    /// reference keeps the integer path everywhere, for the tests that hold SIMD to it).
+    fn f32_path(self, isa: Isa, tokens: usize) -> Option<F32Path> {
+        let legacy = matches!(
+            self,
+            Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0
+        );
+        if isa == Isa::Scalar || !legacy || tokens < F32_MIN_TOKENS {
+            None
+        } else if tokens < GEMM_MIN_TOKENS {
+            Some(F32Path::Tiles)
+        } else {
+            Some(F32Path::Gemm)
+        }
     }
 
     /// The activation format its kernels dot against.
@@ -187,13 +219,17 @@ const K_CHUNK: usize = 2048;
 /// Largest row tile in a prefill: it should stay in L2 while every token group passes over it.
 const MAX_TILE_BYTES: usize = 128 * 1024;
 
-/// Tokens from which a product with legacy-format weights (Q4_0 ... Q8_0) goes through f32: each tile of
-/// weight rows is decoded once and multiplied by all tokens with an f32 FMA matrix kernel, which does 8
-/// multiply-adds per instruction where the AVX2 byte products of these formats do about 5.
-const F32_MIN_TOKENS: usize = 64;
+/// Tokens from which a product with legacy-format weights (Q4_0 ... Q8_0) goes through f32: weight rows
+/// are decoded once and multiplied by all tokens with f32 FMAs, 32 multiply-adds in four instructions
+/// where the AVX2 byte products of these formats take six. Below it, decoding costs more than it saves.
+const F32_MIN_TOKENS: usize = 32;
+/// Tokens from which the f32 path multiplies with `gemm` rather than `f32_tiles`' register kernel:
+/// the latter goes over all tokens' activations for every few rows, which stops fitting in L2 about
+/// there, while `gemm` packs blocks of both operands for every call.
+const GEMM_MIN_TOKENS: usize = 256;
 /// Weight rows per task on the f32 path: fixed, so that a product's result does not depend on the
-/// batch it runs in.
-const F32_TILE_ROWS: usize = 64;
+/// batch it runs in, and a multiple of `f32_tiles`' six-row groups.
+const F32_TILE_ROWS: usize = 60;
 
 /// Parallel tasks per thread a batch is cut into, so that two threads finish together.
 const TASKS_PER_THREAD: usize = 4;
@@ -205,6 +241,12 @@ thread_local! {
     static SCRATCH: Cell<Vec<Activations>> = const { Cell::new(Vec::new()) };
     /// Decoded weight rows of the f32 path, per thread, kept between calls.
     static DECODED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// Buffers of the f32 register kernel, per thread, kept between calls.
+    #[cfg(target_arch = "x86_64")]
+    static F32_TILES: Cell<f32_tiles::Scratch> = Cell::new(f32_tiles::Scratch::default());
+    /// Transposed inputs of the f32 register kernel, per calling thread, kept between calls.
+    #[cfg(target_arch = "x86_64")]
+    static TRANSPOSED: Cell<Vec<f32_tiles::Transposed>> = const { Cell::new(Vec::new()) };
 }
 
 impl QMatrix {
@@ -452,8 +494,8 @@ impl QMatrix {
 }
 
 impl QMatrix {
-    /// Outputs of all tokens for weight rows `rows` through f32: the rows are decoded, then multiplied
-    /// by `x` (tokens, cols) with gemm's f32 kernel on this thread.
+    /// Outputs of all tokens for weight rows `rows` through f32 with `gemm`: the rows are decoded, then
+    /// multiplied by `x` (tokens, cols) with gemm's f32 kernel on this thread.
     ///
     /// # Safety
     /// No other thread may write these outputs meanwhile; `out` must hold tokens x self.rows values.
@@ -542,7 +584,7 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
         .iter()
         .zip(tokens)
         .map(|(j, &t)| {
-            if j.matrix.format.uses_f32(isa, t) {
+            if j.matrix.format.f32_path(isa, t).is_some() {
                 return usize::MAX;
             }
             let key = (j.x, j.matrix.cols, j.matrix.format.activations());
@@ -569,6 +611,34 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
     } else {
         acts.iter_mut().zip(&inputs).for_each(quantize);
     }
+    // Inputs of the f32 register kernel, by address and width, each transposed once.
+    #[cfg(target_arch = "x86_64")]
+    let (transposed, transposed_of) = {
+        let mut keys: Vec<(&[f32], usize)> = Vec::new();
+        let transposed_of: Vec<usize> = jobs
+            .iter()
+            .zip(tokens)
+            .map(|(j, &t)| {
+                if j.matrix.format.f32_path(isa, t) != Some(F32Path::Tiles) {
+                    return usize::MAX;
+                }
+                let key = (j.x, j.matrix.cols);
+                let same = |&(x, cols): &(&[f32], usize)| std::ptr::eq(x, key.0) && cols == key.1;
+                keys.iter().position(same).unwrap_or_else(|| {
+                    keys.push(key);
+                    keys.len() - 1
+                })
+            })
+            .collect();
+        let mut transposed = TRANSPOSED.take();
+        if transposed.len() < keys.len() {
+            transposed.resize_with(keys.len(), f32_tiles::Transposed::default);
+        }
+        for (t, &(x, cols)) in transposed.iter_mut().zip(&keys) {
+            t.fill(x, cols);
+        }
+        (transposed, transposed_of)
+    };
     let chunks: Vec<usize> = jobs
         .iter()
         .zip(tokens)
@@ -586,7 +656,7 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
         if t == 0 || j.matrix.rows == 0 {
             continue;
         }
-        if j.matrix.format.uses_f32(isa, t) {
+        if j.matrix.format.f32_path(isa, t).is_some() {
             for r0 in (0..j.matrix.rows).step_by(F32_TILE_ROWS) {
                 tasks.push(Task {
                     job,
@@ -617,18 +687,42 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
     let inputs_f32: Vec<&[f32]> = jobs.iter().map(|j| j.x).collect();
     let run = |task: &Task| {
         let m = matrices[task.job];
-        if m.format.uses_f32(isa, tokens[task.job]) {
-            // SAFETY: this task alone writes the outputs of its rows (tasks split each job's rows);
-            // the output has tokens * rows values (checked above).
-            unsafe {
-                m.tile_f32(
-                    task.rows.clone(),
-                    inputs_f32[task.job],
-                    tokens[task.job],
-                    &outs[task.job],
-                )
-            };
-            return;
+        match m.format.f32_path(isa, tokens[task.job]) {
+            #[cfg(target_arch = "x86_64")]
+            Some(F32Path::Tiles) => {
+                let mut scratch = F32_TILES.take();
+                // SAFETY: f32_path gives Tiles only on an Avx2 isa or better (AVX2, FMA and F16C
+                // present); this task alone writes the outputs of its rows (tasks split each job's
+                // rows); the output has tokens * rows values (checked above).
+                unsafe {
+                    f32_tiles::tile(
+                        m.format,
+                        m.data(),
+                        m.cols,
+                        m.rows,
+                        task.rows.clone(),
+                        &transposed[transposed_of[task.job]],
+                        &outs[task.job],
+                        &mut scratch,
+                    )
+                };
+                F32_TILES.set(scratch);
+                return;
+            }
+            Some(_) => {
+                // SAFETY: this task alone writes the outputs of its rows (tasks split each job's
+                // rows); the output has tokens * rows values (checked above).
+                unsafe {
+                    m.tile_f32(
+                        task.rows.clone(),
+                        inputs_f32[task.job],
+                        tokens[task.job],
+                        &outs[task.job],
+                    )
+                };
+                return;
+            }
+            None => {}
         }
         let a = &acts[input_of[task.job]];
         let chunk = chunks[task.job];
@@ -666,6 +760,8 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
         tasks.par_iter().for_each(run);
     }
     SCRATCH.set(acts);
+    #[cfg(target_arch = "x86_64")]
+    TRANSPOSED.set(transposed);
 }
 
 /// How one job is cut into tasks: tiles of rows times ranges of tokens.

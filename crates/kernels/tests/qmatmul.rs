@@ -104,16 +104,18 @@ fn matmul_is_within_the_8_bit_activation_budget() {
     }
 }
 
-/// From 64 tokens on (on SIMD machines), Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 rows are decoded and multiplied
-/// by the f32 activations themselves: the result is then the exact product up to f32 rounding, far
-/// inside the 8-bit activation budget.
+/// From 32 tokens on (on SIMD machines), Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 rows are decoded and multiplied
+/// by the f32 activations themselves (by the register kernel up to 255 tokens, by `gemm` from 256): the
+/// result is then the exact product up to f32 rounding, far inside the 8-bit activation budget.
 #[test]
 fn a_legacy_prefill_multiplies_decoded_rows_in_f32() {
     if cpu::isa() == Isa::Scalar {
         eprintln!("skipped: the scalar kernels keep 8-bit activations");
         return;
     }
-    let (rows, cols, tokens) = (130, 2 * QK_K, 70);
+    // 130 rows: two whole tiles and a partial one, whose last row group is partial too; 40 tokens:
+    // a partial group of sixteen; 256: gemm.
+    let (rows, cols) = (130, 5 * QK_K);
     for ty in [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
@@ -122,22 +124,45 @@ fn a_legacy_prefill_multiplies_decoded_rows_in_f32() {
         GgmlType::Q8_0,
     ] {
         let (m, w) = matrix(ty, rows, cols, 77);
-        let x = values(tokens * cols, 78, 1.0);
-        let mut out = vec![f32::NAN; tokens * rows];
-        m.matmul(&x, &mut out).unwrap();
-        for (t, xt) in x.chunks_exact(cols).enumerate() {
-            for (r, wr) in w.chunks_exact(cols).enumerate() {
-                let (exact, magnitude) =
-                    wr.iter().zip(xt).fold((0f64, 0f64), |(e, m), (&w, &x)| {
-                        let p = f64::from(w) * f64::from(x);
-                        (e + p, m + p.abs())
-                    });
-                let got = f64::from(out[t * rows + r]);
-                assert!(
-                    (got - exact).abs() <= 1e-5 * magnitude + 1e-9,
-                    "{ty:?} token {t} row {r}: {got} vs exact {exact}"
-                );
+        for tokens in [32, 40, 256] {
+            let x = values(tokens * cols, 78, 1.0);
+            let mut out = vec![f32::NAN; tokens * rows];
+            m.matmul(&x, &mut out).unwrap();
+            for (t, xt) in x.chunks_exact(cols).enumerate() {
+                for (r, wr) in w.chunks_exact(cols).enumerate() {
+                    let (exact, magnitude) =
+                        wr.iter().zip(xt).fold((0f64, 0f64), |(e, m), (&w, &x)| {
+                            let p = f64::from(w) * f64::from(x);
+                            (e + p, m + p.abs())
+                        });
+                    let got = f64::from(out[t * rows + r]);
+                    assert!(
+                        (got - exact).abs() <= 1e-5 * magnitude + 1e-9,
+                        "{ty:?} {tokens} tokens, token {t} row {r}: {got} vs exact {exact}"
+                    );
+                }
             }
+        }
+    }
+}
+
+/// On the f32 register kernel a token's outputs depend only on its own activations: the same token
+/// among other tokens, or among fewer, gives the same bits (what lets a server batch requests
+/// without changing any one's results).
+#[test]
+fn a_token_on_the_f32_path_does_not_depend_on_the_others() {
+    let (rows, cols) = (70, 3 * QK_K);
+    let (m, _) = matrix(GgmlType::Q8_0, rows, cols, 31);
+    let x = values(50 * cols, 32, 1.0);
+    let mut all = vec![0f32; 50 * rows];
+    m.matmul(&x, &mut all).unwrap();
+    // The last 33 tokens alone: each lands in another lane and group than in the batch of 50.
+    let mut last = vec![0f32; 33 * rows];
+    m.matmul(&x[17 * cols..], &mut last).unwrap();
+    for t in 0..33 {
+        for r in 0..rows {
+            let (a, b) = (all[(17 + t) * rows + r], last[t * rows + r]);
+            assert_eq!(a.to_bits(), b.to_bits(), "token {t} row {r}: {a} vs {b}");
         }
     }
 }

@@ -399,7 +399,11 @@ fn quantized_moe_batches_equal_tokens_one_at_a_time() {
     );
 
     // Two sequences in one batch: the second is the prompt reversed, so the experts see tokens of
-    // both at different positions.
+    // both at different positions. Both are cut to 15 tokens: from 32 tokens in one product, the
+    // legacy formats multiply in f32 instead of with 8-bit activations (see tiefsee_kernels), which
+    // would change the results by the activations' rounding, not by a batching error.
+    let ids = &ids[..15];
+    let first = logits(&model, ids);
     let other: Vec<u32> = ids.iter().rev().copied().collect();
     let alone = logits(&model, &other);
     let mut paged = model.new_paged_cache(2 * ids.len()).unwrap();
@@ -409,7 +413,7 @@ fn quantized_moe_batches_equal_tokens_one_at_a_time() {
     ];
     let segments = [
         tiefsee_model::Segment {
-            tokens: &ids,
+            tokens: ids,
             start: 0,
             logits: Some(Logits::All),
         },
@@ -426,7 +430,7 @@ fn quantized_moe_batches_equal_tokens_one_at_a_time() {
             tables.iter().map(Vec::as_slice).collect(),
         )
         .unwrap();
-    for (got, expected) in together.iter().zip([&whole, &alone]) {
+    for (got, expected) in together.iter().zip([&first, &alone]) {
         let got = got.as_ref().unwrap();
         for p in 0..ids.len() {
             let e = relative_error(&got.get(p).unwrap(), &expected.get(p).unwrap());
