@@ -18,8 +18,13 @@ use candle_core::{Device, Module, Tensor};
 use tiefsee_gguf::GgmlType;
 use tiefsee_kernels::{MatmulJob, QMatrix, WeightBytes, matmul_batch};
 
-/// Random bytes (xorshift) shaped as `rows` rows of `ty`, every f16 block scale set to a small value.
+/// Random bytes (xorshift) shaped as `rows` rows of `ty`, every f16 block scale set to a small value
+/// (float types: a sine, since random bits would hold NaNs and subnormals).
 fn weights(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    if matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+        let values: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        return tiefsee_gguf::quantize(ty, &values).expect("float weights");
+    }
     let n = rows * cols / ty.block_size();
     let mut s = 0x2545_F491_4F6C_DD1Du64;
     let mut bytes: Vec<u8> = (0..n * ty.type_size())
@@ -53,6 +58,9 @@ fn candle_dtype(ty: GgmlType) -> GgmlDType {
         GgmlType::Q4_K => GgmlDType::Q4K,
         GgmlType::Q5_K => GgmlDType::Q5K,
         GgmlType::Q6_K => GgmlDType::Q6K,
+        GgmlType::F32 => GgmlDType::F32,
+        GgmlType::F16 => GgmlDType::F16,
+        GgmlType::BF16 => GgmlDType::BF16,
         _ => unreachable!("no benchmark for {ty:?}"),
     }
 }
@@ -122,6 +130,8 @@ fn main() {
         GgmlType::Q5_0,
         GgmlType::Q4_0,
         GgmlType::Q5_K,
+        GgmlType::BF16,
+        GgmlType::F16,
     ];
     let shapes: &[(usize, usize, &[usize])] = if quick {
         &[(2048, 2048, &[1, 128]), (10944, 2048, &[1, 128])]
@@ -130,7 +140,7 @@ fn main() {
             (1408, 2048, &[1, 4]),
             // An expert's down projection in DeepSeek-V2-Lite: K-quants fall back to Q5_0 / Q8_0 there.
             (2048, 1408, &[1, 4, 16]),
-            (2048, 2048, &[1, 16, 128, 512]),
+            (2048, 2048, &[1, 16, 32, 128, 512]),
             (10944, 2048, &[1, 16, 128, 512]),
             (2048, 10752, &[1, 16, 128]),
             (8192, 8192, &[1, 16]),

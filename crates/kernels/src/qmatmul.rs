@@ -1,4 +1,5 @@
-//! Quantized matrix products: f32 activations times weights in llama.cpp's block formats.
+//! Matrix products of f32 activations with weights as stored: llama.cpp's block formats, or floats
+//! (f32, f16, bf16) as GGUF and safetensors files hold them.
 //!
 //! As llama.cpp's CPU backend does (`ggml_compute_forward_mul_mat` with `vec_dot_type`), the
 //! activations are quantized once per call to 8 bits (Q8_0 for Q4_0/Q8_0 weights, Q8_K for the
@@ -13,6 +14,10 @@
 //! decoding is paid once for all tokens. The result is then the exact product up to f32 rounding,
 //! not the 8-bit-activation one.
 //!
+//! Float weights always multiply the f32 activations: row by row for a few tokens
+//! (`qmatmul/float_rows.rs`, converted in registers, so a token streams two bytes per weight for f16
+//! and bf16), through the same f32 kernels from `FLOAT_TILES_MIN_TOKENS` on.
+//!
 //! Work is split over rayon's global pool by tiles of weight rows. Inside a tile, tokens go in groups
 //! of up to four through one row at a time, so each weight row is read from memory once per call
 //! (decode is memory-bound: the matrix is streamed exactly once whatever the number of tokens) and,
@@ -26,6 +31,7 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod f32_tiles;
+mod float_rows;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -105,11 +111,16 @@ enum Format {
     Q4K,
     Q5K,
     Q6K,
+    F32,
+    F16,
+    BF16,
 }
 
-/// The two ways of the f32 path.
+/// The ways of the f32 path.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum F32Path {
+    /// Float weights times a few tokens, row by row (`float_rows`).
+    Rows,
     /// `f32_tiles`' register kernel over the activations transposed once per batch.
     Tiles,
     /// `gemm`'s f32 kernel over a decoded tile of rows.
@@ -128,10 +139,44 @@ impl Format {
             Format::Q4K => scalar::dot_q4_k,
             Format::Q5K => scalar::dot_q5_k,
             Format::Q6K => scalar::dot_q6_k,
+            Format::F32 | Format::F16 | Format::BF16 => {
+                unreachable!("float formats multiply f32 activations")
+            }
         }
     }
 
-    /// Bytes of one block of 32 values (legacy formats) or 256 (K-quants).
+    /// The GGUF type of this format.
+    fn ty(self) -> GgmlType {
+        match self {
+            Format::Q4_0 => GgmlType::Q4_0,
+            Format::Q4_1 => GgmlType::Q4_1,
+            Format::Q5_0 => GgmlType::Q5_0,
+            Format::Q5_1 => GgmlType::Q5_1,
+            Format::Q8_0 => GgmlType::Q8_0,
+            Format::Q4K => GgmlType::Q4_K,
+            Format::Q5K => GgmlType::Q5_K,
+            Format::Q6K => GgmlType::Q6_K,
+            Format::F32 => GgmlType::F32,
+            Format::F16 => GgmlType::F16,
+            Format::BF16 => GgmlType::BF16,
+        }
+    }
+
+    /// Whether the weights are plain floats (f32, f16, bf16) rather than blocks.
+    fn is_float(self) -> bool {
+        matches!(self, Format::F32 | Format::F16 | Format::BF16)
+    }
+
+    /// Bytes of `values` weights, a multiple of the block size.
+    fn bytes_for(self, values: usize) -> usize {
+        match self {
+            Format::F32 | Format::F16 | Format::BF16 => values * float_rows::weight_bytes(self),
+            Format::Q4K | Format::Q5K | Format::Q6K => values / 256 * self.block_bytes(),
+            _ => values / 32 * self.block_bytes(),
+        }
+    }
+
+    /// Bytes of one block of 32 values (legacy formats), 256 (K-quants) or one (floats).
     fn block_bytes(self) -> usize {
         match self {
             Format::Q4_0 => 18,
@@ -142,46 +187,61 @@ impl Format {
             Format::Q4K => 144,
             Format::Q5K => 176,
             Format::Q6K => 210,
+            Format::F32 | Format::F16 | Format::BF16 => float_rows::weight_bytes(self),
         }
     }
 
+    /// Every format, in the order of the enum.
+    const ALL: [Format; 11] = [
+        Format::Q4_0,
+        Format::Q4_1,
+        Format::Q5_0,
+        Format::Q5_1,
+        Format::Q8_0,
+        Format::Q4K,
+        Format::Q5K,
+        Format::Q6K,
+        Format::F32,
+        Format::F16,
+        Format::BF16,
+    ];
+
     fn of(ty: GgmlType) -> Option<Self> {
-        match ty {
-            GgmlType::Q4_0 => Some(Format::Q4_0),
-            GgmlType::Q4_1 => Some(Format::Q4_1),
-            GgmlType::Q5_0 => Some(Format::Q5_0),
-            GgmlType::Q5_1 => Some(Format::Q5_1),
-            GgmlType::Q8_0 => Some(Format::Q8_0),
-            GgmlType::Q4_K => Some(Format::Q4K),
-            GgmlType::Q5_K => Some(Format::Q5K),
-            GgmlType::Q6_K => Some(Format::Q6K),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|f| f.ty() == ty)
     }
 
     /// Most tokens one kernel call takes: each weight block is unpacked once for them, so the
     /// K-quants, whose unpacking costs most, take more (as many as the registers hold).
     fn max_group(self) -> usize {
         match self {
-            Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0 => 4,
+            Format::Q4_0
+            | Format::Q4_1
+            | Format::Q5_0
+            | Format::Q5_1
+            | Format::Q8_0
+            | Format::F32
+            | Format::F16
+            | Format::BF16 => 4,
             Format::Q4K | Format::Q5K | Format::Q6K => 8,
         }
     }
 
     /// How a product over `tokens` on `isa` goes through f32, if it does (see [`F32_MIN_TOKENS`]): the
-    /// legacy formats, whose byte products cost most, for several tokens, on SIMD machines (the scalar
-    /// reference keeps the integer path everywhere, for the tests that hold SIMD to it).
+    /// float formats always (row by row below [`FLOAT_TILES_MIN_TOKENS`] and on the scalar reference), the
+    /// legacy formats, whose byte products cost most, for several tokens on SIMD machines (the scalar
+    /// reference keeps their integer path everywhere, for the tests that hold SIMD to it).
     fn f32_path(self, isa: Isa, tokens: usize) -> Option<F32Path> {
         let legacy = matches!(
             self,
             Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0
         );
-        if isa == Isa::Scalar || !legacy || tokens < F32_MIN_TOKENS {
-            None
-        } else if tokens < GEMM_MIN_TOKENS {
-            Some(F32Path::Tiles)
-        } else {
-            Some(F32Path::Gemm)
+        let simd = isa > Isa::Scalar;
+        match (self.is_float(), legacy && simd) {
+            (true, _) if !simd || tokens < FLOAT_TILES_MIN_TOKENS => Some(F32Path::Rows),
+            (false, false) => None,
+            (false, _) if tokens < F32_MIN_TOKENS => None,
+            _ if tokens < GEMM_MIN_TOKENS => Some(F32Path::Tiles),
+            _ => Some(F32Path::Gemm),
         }
     }
 
@@ -192,12 +252,16 @@ impl Format {
                 ActFormat::Q8_0
             }
             Format::Q4K | Format::Q5K | Format::Q6K => ActFormat::Q8K,
+            Format::F32 | Format::F16 | Format::BF16 => {
+                unreachable!("float formats multiply f32 activations")
+            }
         }
     }
 }
 
-/// A (rows, cols) weight matrix in one of llama.cpp's block formats, row-major: each row is
-/// cols/block_size whole blocks. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K have kernels.
+/// A (rows, cols) weight matrix in one of llama.cpp's block formats or a float type, row-major: each
+/// row is cols/block_size whole blocks. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F32, F16 and
+/// BF16 have kernels.
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     ty: GgmlType,
@@ -223,6 +287,9 @@ const MAX_TILE_BYTES: usize = 128 * 1024;
 /// are decoded once and multiplied by all tokens with f32 FMAs, 32 multiply-adds in four instructions
 /// where the AVX2 byte products of these formats take six. Below it, decoding costs more than it saves.
 const F32_MIN_TOKENS: usize = 32;
+/// Tokens from which float weights go through `f32_tiles`' register kernel rather than row by row:
+/// they need no decoding worth the name, so the kernel wins as soon as it fills its token vectors.
+const FLOAT_TILES_MIN_TOKENS: usize = 10;
 /// Tokens from which the f32 path multiplies with `gemm` rather than `f32_tiles`' register kernel:
 /// the latter goes over all tokens' activations for every few rows, which stops fitting in L2 about
 /// there, while `gemm` packs blocks of both operands for every call.
@@ -385,8 +452,9 @@ impl QMatrix {
 
     /// Columns per pass: with many token groups, a prefill goes over the columns in chunks so that one
     /// group's activations stay in L1; with few, whole rows keep the weights streaming from memory in order.
+    /// Float weights always go whole rows: a token's sum is then the same whatever the batch.
     fn chunk(&self, tokens: usize) -> usize {
-        if tokens.div_ceil(self.format.max_group()) >= CHUNKED_GROUPS {
+        if !self.format.is_float() && tokens.div_ceil(self.format.max_group()) >= CHUNKED_GROUPS {
             K_CHUNK.min(self.cols)
         } else {
             self.cols
@@ -485,6 +553,9 @@ impl QMatrix {
                 Format::Q4K => each_row(&|row| unsafe { avx2::dot_q4_k(row, &toks) }),
                 Format::Q5K => each_row(&|row| unsafe { avx2::dot_q5_k(row, &toks) }),
                 Format::Q6K => each_row(&|row| unsafe { avx2::dot_q6_k(row, &toks) }),
+                Format::F32 | Format::F16 | Format::BF16 => {
+                    unreachable!("float formats multiply f32 activations")
+                }
             }
             return;
         }
@@ -494,6 +565,58 @@ impl QMatrix {
 }
 
 impl QMatrix {
+    /// Outputs of float weights for the rows and tokens of `task`, up to four tokens per pass over a
+    /// row.
+    ///
+    /// # Safety
+    /// No other thread may write these outputs meanwhile; `out` must hold tokens x self.rows values
+    /// and `x` tokens x self.cols.
+    unsafe fn rows_f32(&self, isa: Isa, task: &Task, x: &[f32], out: &OutPtr) {
+        for first in task.tokens.clone().step_by(4) {
+            // SAFETY: the caller's contract.
+            unsafe {
+                match (task.tokens.end - first).min(4) {
+                    1 => self.rows_group::<1>(isa, task.rows.clone(), first, x, out),
+                    2 => self.rows_group::<2>(isa, task.rows.clone(), first, x, out),
+                    3 => self.rows_group::<3>(isa, task.rows.clone(), first, x, out),
+                    _ => self.rows_group::<4>(isa, task.rows.clone(), first, x, out),
+                }
+            }
+        }
+    }
+
+    /// [`QMatrix::rows_f32`] for the `T` tokens from `first`.
+    ///
+    /// # Safety
+    /// As for [`QMatrix::rows_f32`].
+    unsafe fn rows_group<const T: usize>(
+        &self,
+        isa: Isa,
+        rows: Range<usize>,
+        first: usize,
+        x: &[f32],
+        out: &OutPtr,
+    ) {
+        let xs: [&[f32]; T] = std::array::from_fn(|k| &x[(first + k) * self.cols..][..self.cols]);
+        let rb = self.row_bytes();
+        for r in rows {
+            let row = &self.data()[r * rb..(r + 1) * rb];
+            #[cfg(target_arch = "x86_64")]
+            let dots = if isa >= Isa::Avx2 {
+                // SAFETY: isa is Avx2 or better only when cpu::detected() found AVX2, FMA and F16C.
+                unsafe { float_rows::dot(self.format, row, &xs) }
+            } else {
+                xs.map(|x| float_rows::dot_scalar(self.format, row, x))
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let dots = xs.map(|x| float_rows::dot_scalar(self.format, row, x));
+            for (k, v) in dots.into_iter().enumerate() {
+                // SAFETY: (first + k, r) is in bounds and ours alone (caller).
+                unsafe { out.store((first + k) * self.rows + r, v, false) };
+            }
+        }
+    }
+
     /// Outputs of all tokens for weight rows `rows` through f32 with `gemm`: the rows are decoded, then
     /// multiplied by `x` (tokens, cols) with gemm's f32 kernel on this thread.
     ///
@@ -503,12 +626,15 @@ impl QMatrix {
         let (cols, rb) = (self.cols, self.row_bytes());
         let mut decoded = DECODED.take();
         decoded.resize(rows.len() * cols, 0.0);
-        tiefsee_gguf::dequantize_into(
-            self.ty,
-            &self.data()[rows.start * rb..rows.end * rb],
-            &mut decoded,
-        )
-        .expect("QMatrix::new checked that rows are whole blocks");
+        let bytes = &self.data()[rows.start * rb..rows.end * rb];
+        // SAFETY: f32_path gives Gemm only on an Avx2 isa or better (AVX2, FMA and F16C present).
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            f32_tiles::decode(self.format, bytes, &mut decoded)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        tiefsee_gguf::dequantize_into(self.ty, bytes, &mut decoded)
+            .expect("QMatrix::new checked that rows are whole blocks");
         // SAFETY: dst (tokens, rows.len()) at column rows.start of `out` (row stride self.rows) is
         // ours alone (caller); lhs = x (tokens, cols) and rhs = decoded^T (cols, rows.len()) are read
         // within their lengths.
@@ -656,7 +782,8 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
         if t == 0 || j.matrix.rows == 0 {
             continue;
         }
-        if j.matrix.format.f32_path(isa, t).is_some() {
+        let path = j.matrix.format.f32_path(isa, t);
+        if matches!(path, Some(F32Path::Tiles | F32Path::Gemm)) {
             for r0 in (0..j.matrix.rows).step_by(F32_TILE_ROWS) {
                 tasks.push(Task {
                     job,
@@ -709,8 +836,14 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
                 F32_TILES.set(scratch);
                 return;
             }
+            Some(F32Path::Rows) => {
+                // SAFETY: this task alone writes the outputs of its rows for its tokens (tasks split
+                // each job's rows and tokens); the output has tokens * rows values (checked above).
+                unsafe { m.rows_f32(isa, task, inputs_f32[task.job], &outs[task.job]) };
+                return;
+            }
             Some(_) => {
-                // SAFETY: this task alone writes the outputs of its rows (tasks split each job's
+                // SAFETY: this task alone writes the outputs of its rows(tasks split each job's
                 // rows); the output has tokens * rows values (checked above).
                 unsafe {
                     m.tile_f32(

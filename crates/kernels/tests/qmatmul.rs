@@ -25,6 +25,8 @@ const TYPES: [GgmlType; 8] = [
     GgmlType::Q6_K,
 ];
 
+const FLOATS: [GgmlType; 3] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16];
+
 /// Deterministic normal-ish values (xorshift and a sum of uniforms), scaled by `scale`.
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -104,6 +106,25 @@ fn matmul_is_within_the_8_bit_activation_budget() {
     }
 }
 
+/// Checks `out` (tokens, rows) against the f64 product of `w` (rows, cols) and `x` (tokens, cols) to
+/// f32 rounding: 1e-5 of the sum of the terms' magnitudes.
+fn check_f32_product(what: &str, w: &[f32], x: &[f32], out: &[f32], cols: usize) {
+    let rows = w.len() / cols;
+    for (t, xt) in x.chunks_exact(cols).enumerate() {
+        for (r, wr) in w.chunks_exact(cols).enumerate() {
+            let (exact, magnitude) = wr.iter().zip(xt).fold((0f64, 0f64), |(e, m), (&w, &x)| {
+                let p = f64::from(w) * f64::from(x);
+                (e + p, m + p.abs())
+            });
+            let got = f64::from(out[t * rows + r]);
+            assert!(
+                (got - exact).abs() <= 1e-5 * magnitude + 1e-9,
+                "{what}, token {t} row {r}: {got} vs exact {exact}"
+            );
+        }
+    }
+}
+
 /// From 32 tokens on (on SIMD machines), Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 rows are decoded and multiplied
 /// by the f32 activations themselves (by the register kernel up to 255 tokens, by `gemm` from 256): the
 /// result is then the exact product up to f32 rounding, far inside the 8-bit activation budget.
@@ -128,20 +149,7 @@ fn a_legacy_prefill_multiplies_decoded_rows_in_f32() {
             let x = values(tokens * cols, 78, 1.0);
             let mut out = vec![f32::NAN; tokens * rows];
             m.matmul(&x, &mut out).unwrap();
-            for (t, xt) in x.chunks_exact(cols).enumerate() {
-                for (r, wr) in w.chunks_exact(cols).enumerate() {
-                    let (exact, magnitude) =
-                        wr.iter().zip(xt).fold((0f64, 0f64), |(e, m), (&w, &x)| {
-                            let p = f64::from(w) * f64::from(x);
-                            (e + p, m + p.abs())
-                        });
-                    let got = f64::from(out[t * rows + r]);
-                    assert!(
-                        (got - exact).abs() <= 1e-5 * magnitude + 1e-9,
-                        "{ty:?} {tokens} tokens, token {t} row {r}: {got} vs exact {exact}"
-                    );
-                }
-            }
+            check_f32_product(&format!("{ty:?} {tokens} tokens"), &w, &x, &out, cols);
         }
     }
 }
@@ -163,6 +171,48 @@ fn a_token_on_the_f32_path_does_not_depend_on_the_others() {
         for r in 0..rows {
             let (a, b) = (all[(17 + t) * rows + r], last[t * rows + r]);
             assert_eq!(a.to_bits(), b.to_bits(), "token {t} row {r}: {a} vs {b}");
+        }
+    }
+}
+
+/// Float weights (a safetensors checkpoint's f32, f16 or bf16, read in place) multiply the f32
+/// activations as they are, row by row for a few tokens and through the f32 kernels for more: within
+/// f32 rounding of the exact product, on rows whose length is not a multiple of eight.
+#[test]
+fn float_weights_multiply_exactly() {
+    let (rows, cols) = (67, 300);
+    for ty in FLOATS {
+        let (m, w) = matrix(ty, rows, cols, 5);
+        for tokens in [1, 3, 17, 40, 256] {
+            let x = values(tokens * cols, tokens as u64 + 9, 1.0);
+            let mut out = vec![f32::NAN; tokens * rows];
+            m.matmul(&x, &mut out).unwrap();
+            check_f32_product(&format!("{ty:?} {tokens} tokens"), &w, &x, &out, cols);
+        }
+    }
+}
+
+/// Below the f32 kernels' token count, a token's outputs over float weights are the same bits alone
+/// as in a group (the server batches requests without changing their results).
+#[test]
+fn a_token_over_float_weights_does_not_depend_on_the_others() {
+    let (rows, cols) = (45, 264);
+    for ty in FLOATS {
+        let (m, _) = matrix(ty, rows, cols, 8);
+        let x = values(7 * cols, 3, 1.0);
+        let mut all = vec![0f32; 7 * rows];
+        m.matmul(&x, &mut all).unwrap();
+        for t in 0..7 {
+            let mut one = vec![0f32; rows];
+            m.matmul(&x[t * cols..(t + 1) * cols], &mut one).unwrap();
+            for r in 0..rows {
+                let (a, b) = (all[t * rows + r], one[r]);
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{ty:?} token {t} row {r}: {a} vs {b}"
+                );
+            }
         }
     }
 }
@@ -281,14 +331,19 @@ fn size_errors_are_returned() {
         Err(KernelError::ColsNotWholeBlocks { cols: 0, .. })
     ));
     assert!(matches!(
-        QMatrix::new(GgmlType::F32, 1, 17, WeightBytes::from_vec(vec![0u8; 68])),
-        Err(KernelError::UnsupportedType(GgmlType::F32))
+        QMatrix::new(
+            GgmlType::Q8_K,
+            1,
+            256,
+            WeightBytes::from_vec(vec![0u8; 292])
+        ),
+        Err(KernelError::UnsupportedType(GgmlType::Q8_K))
     ));
     assert!(QMatrix::new(GgmlType::Q8_0, usize::MAX, 32, bytes()).is_err());
-    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_K] {
+    for ty in [GgmlType::Q8_K, GgmlType::Q2_K, GgmlType::Q3_K] {
         assert!(!QMatrix::supports(ty), "{ty:?}");
     }
-    for ty in TYPES {
+    for ty in TYPES.into_iter().chain(FLOATS) {
         assert!(QMatrix::supports(ty), "{ty:?}");
     }
 

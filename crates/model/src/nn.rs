@@ -8,12 +8,13 @@ use tiefsee_kernels::{MatmulJob, QMatrix, matmul_batch};
 use crate::error::{ModelError, Result};
 use crate::weights::Weights;
 
-/// The weight of a linear map: f32 values, or llama.cpp blocks multiplied by the quantized kernels.
+/// The weight of a linear map: an f32 tensor, or stored weights multiplied by `tiefsee_kernels`.
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
     /// (out, in) f32, differentiable.
     Dense(Tensor),
-    /// (out, in) in a GGUF block format, read in place from the file's memory map.
+    /// (out, in) in a GGUF block format or as stored floats (f32, f16, bf16), read in place from the
+    /// file's memory map.
     Quantized(QMatrix),
 }
 

@@ -2,18 +2,22 @@
 //!
 //! A folder holds either one `model.safetensors` or shards listed by `model.safetensors.index.json`.
 //! Every file is validated when opened (a truncated file is an error naming it), and every tensor
-//! is checked for name and shape when fetched. Weights are converted to f32 for compute; DeepSeek's
-//! FP8 release (e4m3 weights with a `weight_scale_inv` per 128x128 block) is dequantized on load.
+//! is checked for name and shape when fetched. The matrices of linear maps in f32, f16 or bf16 are
+//! multiplied in place by `tiefsee_kernels` ([`Checkpoint::get_quantized`]); other tensors are
+//! converted to f32; DeepSeek's FP8 release (e4m3 weights with a `weight_scale_inv` per 128x128
+//! block) is dequantized on load.
 //! A GGUF file can stand in for the folder ([`Checkpoint::from_gguf`]): its tensors are served under
 //! the same names.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
-use tiefsee_kernels::QMatrix;
+use tiefsee_gguf::GgmlType;
+use tiefsee_kernels::{QMatrix, WeightBytes};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::tensors::GgufTensors;
@@ -31,7 +35,7 @@ struct TensorEntry {
 /// The tensors of a checkpoint folder, memory-mapped and indexed by name.
 pub struct Checkpoint {
     dir: PathBuf,
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, Arc<Mmap>)>,
     tensors: HashMap<String, TensorEntry>,
     /// Tensors held in memory instead of files (trainable variables), served without a copy.
     in_memory: HashMap<String, Tensor>,
@@ -86,7 +90,7 @@ impl Checkpoint {
                 };
                 tensors.insert(name, entry);
             }
-            files.push((path, mmap));
+            files.push((path, Arc::new(mmap)));
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -202,13 +206,33 @@ impl Checkpoint {
         }
     }
 
-    /// The tensor `name` in its stored block format, when it comes from a GGUF file in a format the
-    /// quantized kernels multiply (Q8_0, Q4_K, ...); `None` means: load it with [`Checkpoint::get`].
+    /// The 2-D tensor `name` as stored, read in place from the memory map, when the kernels multiply
+    /// its format: a GGUF block format (Q8_0, Q4_K, ...) or float (f32, f16, bf16, in a GGUF or a
+    /// safetensors file). `None` means: load it with [`Checkpoint::get`] (in-memory tensors, FP8
+    /// weights, other dtypes).
     pub fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QMatrix>> {
-        match &self.gguf {
-            Some(gguf) if !self.in_memory.contains_key(name) => gguf.get_quantized(name, shape),
-            _ => Ok(None),
+        if self.in_memory.contains_key(name) {
+            return Ok(None);
         }
+        if let Some(gguf) = &self.gguf {
+            return gguf.get_quantized(name, shape);
+        }
+        let &[rows, cols] = shape else {
+            return Ok(None);
+        };
+        let Some(entry) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        let ty = match entry.dtype {
+            safetensors::Dtype::F32 => GgmlType::F32,
+            safetensors::Dtype::F16 => GgmlType::F16,
+            safetensors::Dtype::BF16 => GgmlType::BF16,
+            _ => return Ok(None),
+        };
+        self.check_shape(name, entry, shape)?;
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = self.files[entry.file].1.clone();
+        let bytes = WeightBytes::new(owner, entry.start..entry.end)?;
+        Ok(Some(QMatrix::new(ty, rows, cols, bytes)?))
     }
 
     /// `kv_b_proj` as llama.cpp's quantized MLA pair (`attn_k_b`, `attn_v_b`) when a GGUF stores it
@@ -240,14 +264,7 @@ impl Checkpoint {
         }
         let entry = self.entry(name)?;
         let file = &self.files[entry.file].0;
-        if entry.shape != shape {
-            return Err(ModelError::ShapeMismatch {
-                name: name.to_owned(),
-                file: file.clone(),
-                expected: shape.to_vec(),
-                found: entry.shape.clone(),
-            });
-        }
+        self.check_shape(name, entry, shape)?;
         let raw = self.raw(name, entry)?;
         if entry.dtype != safetensors::Dtype::F8_E4M3 {
             return Ok(raw.to_dtype(DType::F32)?);
@@ -273,6 +290,19 @@ impl Checkpoint {
             .narrow(0, 0, rows)?
             .narrow(1, 0, cols)?;
         Ok(raw.to_dtype(DType::F32)?.mul(&scale)?)
+    }
+
+    /// Errors unless the stored tensor `name` has shape `shape`.
+    fn check_shape(&self, name: &str, entry: &TensorEntry, shape: &[usize]) -> Result<()> {
+        if entry.shape != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_owned(),
+                file: self.files[entry.file].0.clone(),
+                expected: shape.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        Ok(())
     }
 
     fn entry(&self, name: &str) -> Result<&TensorEntry> {

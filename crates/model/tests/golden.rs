@@ -243,3 +243,53 @@ fn rounded_caches_stay_close_to_transformers() -> Result<()> {
     }
     Ok(())
 }
+
+/// A safetensors checkpoint's float matrices are multiplied where they lie: the bf16, f16 and f32
+/// fixtures' projections come back as matrices of their stored type over the file's bytes (which
+/// the golden tests above then run through), and a wrong shape is an error naming the tensor.
+#[test]
+fn float_safetensors_matrices_are_read_in_place() {
+    use tiefsee_gguf::GgmlType;
+    use tiefsee_model::weights::Checkpoint;
+    for (dir, name, shape, ty) in [
+        (
+            "llama3",
+            "model.layers.0.self_attn.q_proj.weight",
+            [128, 128],
+            GgmlType::BF16,
+        ),
+        (
+            "qwen2",
+            "model.layers.0.mlp.down_proj.weight",
+            [0, 0],
+            GgmlType::F16,
+        ),
+        (
+            "deepseek-v2",
+            "model.layers.0.self_attn.o_proj.weight",
+            [0, 0],
+            GgmlType::F32,
+        ),
+    ] {
+        let checkpoint = Checkpoint::open(&fixture(dir), &Device::Cpu).unwrap();
+        let shape = if shape[0] == 0 {
+            checkpoint.shape_of(name).unwrap().to_vec()
+        } else {
+            shape.to_vec()
+        };
+        let matrix = checkpoint
+            .get_quantized(name, &shape)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{dir}: {name} not read in place"));
+        assert_eq!(matrix.ty(), ty, "{dir}: {name}");
+        assert_eq!([matrix.rows(), matrix.cols()], [shape[0], shape[1]]);
+        let dense = checkpoint.get(name, &shape).unwrap();
+        let row: Vec<f32> = dense.get(1).unwrap().to_vec1().unwrap();
+        let mut decoded = vec![0f32; shape[1]];
+        matrix.dequantize_row(1, &mut decoded);
+        assert_eq!(row, decoded, "{dir}: {name} row 1");
+        let wrong = [shape[0] + 1, shape[1]];
+        let err = checkpoint.get_quantized(name, &wrong).unwrap_err();
+        assert!(err.to_string().contains(name), "{err}");
+    }
+}

@@ -1,5 +1,5 @@
-//! The f32 path of the legacy formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) for short prefills and prompt
-//! chunks (`F32_MIN_TOKENS` up to `GEMM_MIN_TOKENS`): weight rows are decoded to f32 a strip of
+//! The f32 path of the legacy formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the float ones (f32, f16,
+//! bf16) for short prefills and prompt chunks (`F32_MIN_TOKENS` up to `GEMM_MIN_TOKENS`): weight rows are decoded to f32 a strip of
 //! columns at a time, and an AVX2 + FMA register kernel multiplies them by the activations,
 //! transposed once per call so that eight tokens fill a vector.
 //!
@@ -18,6 +18,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::avx2::{bytes_from_bits, f16_at, levels_q4_0, levels_q5_0, nibbles};
+use super::float_rows::load8;
 use super::{Format, OutPtr};
 
 /// Columns decoded per pass: sixteen tokens' activations for them take 16 KiB of L1.
@@ -82,11 +83,23 @@ fn prefetch_ahead(bytes: &[u8], distance: usize) {
     }
 }
 
-/// Decodes blocks `bytes` of `format` to `out` (32 values each), as `tiefsee_gguf::dequantize` does.
+/// Decodes weights `bytes` of a legacy or float `format` to `out`, as `tiefsee_gguf::dequantize`
+/// does.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn decode(format: Format, bytes: &[u8], out: &mut [f32]) {
+pub(super) fn decode(format: Format, bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(format.bytes_for(out.len()), bytes.len(), "decoded length");
     let size = format.block_bytes();
-    assert_eq!(bytes.len() / size * 32, out.len(), "decoded length");
+    if format.is_float() {
+        for (w, o) in bytes.chunks_exact(8 * size).zip(out.chunks_exact_mut(8)) {
+            // SAFETY: eight weights are read, eight floats written (chunks of those lengths).
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), load8(format, w.as_ptr())) };
+        }
+        let done = out.len() / 8 * 8;
+        let tail = &bytes[done * size..];
+        tiefsee_gguf::dequantize_into(format.ty(), tail, &mut out[done..])
+            .expect("whole weights by the length check");
+        return;
+    }
     let blocks = bytes.chunks_exact(size).zip(out.chunks_exact_mut(32));
     match format {
         Format::Q8_0 => blocks.for_each(|(b, o)| {
@@ -113,7 +126,7 @@ fn decode(format: Format, bytes: &[u8], out: &mut [f32]) {
             let levels = _mm256_or_si256(nibbles(b, 8), fifth);
             store_block(levels, f16_at(b, 0), Some(f16_at(b, 2)), o);
         }),
-        Format::Q4K | Format::Q5K | Format::Q6K => unreachable!("f32 tiles are for legacy formats"),
+        _ => unreachable!("{format:?} is not a legacy or float format"),
     }
 }
 
@@ -191,7 +204,7 @@ pub(super) unsafe fn tile(
     let tokens = x.tokens;
     let token_groups = tokens.div_ceil(GROUP);
     let row_groups = rows.len().div_ceil(ROWS);
-    let row_bytes = format.block_bytes() * cols / 32;
+    let row_bytes = format.bytes_for(cols);
     assert!(x.cols == cols && data.len() >= rows.end * row_bytes);
     let Scratch { weights, sums } = scratch;
     weights.clear();
@@ -208,7 +221,7 @@ pub(super) unsafe fn tile(
         let n = ROWS.min(rows.end - first);
         for k0 in (0..cols).step_by(K_STRIP) {
             let width = K_STRIP.min(cols - k0);
-            let bytes = k0 / 32 * format.block_bytes()..(k0 + width) / 32 * format.block_bytes();
+            let bytes = format.bytes_for(k0)..format.bytes_for(k0 + width);
             for (i, w) in weights.chunks_exact_mut(K_STRIP).take(n).enumerate() {
                 let row = &data[(first + i) * row_bytes..][bytes.clone()];
                 prefetch_ahead(row, bytes.len());

@@ -143,9 +143,54 @@ fn avx2_dot_products_match_scalar() {
                 Format::Q4K => (avx2::dot_q4_k(row, four), avx2::dot_q4_k(row, one)),
                 Format::Q5K => (avx2::dot_q5_k(row, four), avx2::dot_q5_k(row, one)),
                 Format::Q6K => (avx2::dot_q6_k(row, four), avx2::dot_q6_k(row, one)),
+                Format::F32 | Format::F16 | Format::BF16 => unreachable!("FORMATS are blocks"),
             }
         };
         check_dots_against_scalar("avx2", ty, format, 3 * QK_K, &simd);
+    }
+}
+
+/// The AVX2 float-row kernel against the scalar reference, on a row with a tail of fewer than eight
+/// values: within reassociation error, and one token alone the same bits as in a group of four.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_float_rows_match_scalar() {
+    use super::float_rows;
+    if cpu::detected() < Isa::Avx2 {
+        eprintln!("skipped: this CPU lacks AVX2/FMA/F16C");
+        return;
+    }
+    let cols = 301;
+    for (ty, format) in [
+        (GgmlType::F32, Format::F32),
+        (GgmlType::F16, Format::F16),
+        (GgmlType::BF16, Format::BF16),
+    ] {
+        let row = quantize(ty, &values(cols, 5, 0.1)).unwrap();
+        let w = tiefsee_gguf::dequantize(ty, &row, cols).unwrap();
+        let x = values(4 * cols, 6, 1.0);
+        let xs: [&[f32]; 4] = std::array::from_fn(|t| &x[t * cols..(t + 1) * cols]);
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+        let (four, one) = unsafe {
+            (
+                float_rows::dot(format, &row, &xs),
+                float_rows::dot(format, &row, &[xs[1]]),
+            )
+        };
+        assert_eq!(
+            four[1].to_bits(),
+            one[0].to_bits(),
+            "{ty:?}: one token vs four"
+        );
+        for (t, x) in xs.iter().enumerate() {
+            let scalar = float_rows::dot_scalar(format, &row, x);
+            let bound = 1e-5 * w.iter().zip(*x).map(|(w, x)| (w * x).abs()).sum::<f32>();
+            assert!(
+                (four[t] - scalar).abs() <= bound,
+                "{ty:?} token {t}: {} vs scalar {scalar}",
+                four[t]
+            );
+        }
     }
 }
 
@@ -170,6 +215,7 @@ fn avx512_dot_products_match_scalar() {
                 Format::Q4_1 | Format::Q5_1 | Format::Q4K | Format::Q5K => {
                     unreachable!("filtered out below")
                 }
+                Format::F32 | Format::F16 | Format::BF16 => unreachable!("FORMATS are blocks"),
             }
         };
         if matches!(
