@@ -2,7 +2,8 @@
 
 (a) Aggregate decode throughput with 1 streaming client, then with N concurrent ones (default 16): each
     request streams `POST /v1/completions` with its own prompt of the same length (token ids, so the
-    length is exact and no two prompts share a cache block), the same `max_tokens`, `temperature=0`.
+    length is exact and no two prompts share a cache block), the same `max_tokens`, `temperature=0`,
+    `logprobs=0` (one event per token whatever its text).
     Every request must answer 200, end with `data: [DONE]`, and report `completion_tokens == max_tokens`.
     Decode throughput = sum over requests of (completion_tokens - 1) / (time the last request finished -
     time the first request got its first token): the prefill of later requests falls inside that window,
@@ -131,7 +132,10 @@ async def stream_completion(port: int, body: dict, timeout_s: float) -> Result:
 
 
 def request(prompt: list[int], max_tokens: int) -> dict:
-    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    # `logprobs: 0` (the sampled token's own) makes every token an event, even one whose text is empty
+    # or held back: a random-weight model with a small stand-in tokenizer samples ids it cannot spell,
+    # whose text would otherwise arrive all at once at the end.
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "logprobs": 0,
             "stream_options": {"include_usage": True}}
 
 

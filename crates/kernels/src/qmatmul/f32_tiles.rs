@@ -95,9 +95,10 @@ pub(super) fn decode(format: Format, bytes: &[u8], out: &mut [f32]) {
             unsafe { _mm256_storeu_ps(o.as_mut_ptr(), load8(format, w.as_ptr())) };
         }
         let done = out.len() / 8 * 8;
-        let tail = &bytes[done * size..];
-        tiefsee_gguf::dequantize_into(format.ty(), tail, &mut out[done..])
-            .expect("whole weights by the length check");
+        if done < out.len() {
+            tiefsee_gguf::dequantize_into(format.ty(), &bytes[done * size..], &mut out[done..])
+                .expect("whole weights by the length check");
+        }
         return;
     }
     let blocks = bytes.chunks_exact(size).zip(out.chunks_exact_mut(32));
