@@ -50,6 +50,7 @@ class Result:
     usage: dict = field(default_factory=dict)
     finish_reason: str | None = None
     error: str | None = None
+    token_times: list[float] = field(default_factory=list)  # arrival of each event carrying a token
 
     def problems(self, max_tokens: int) -> list[str]:
         out = []
@@ -120,6 +121,8 @@ async def stream_completion(port: int, body: dict, timeout_s: float) -> Result:
                         result.usage = event["usage"]
                     for choice in event.get("choices", []):
                         result.finish_reason = choice.get("finish_reason") or result.finish_reason
+                        if (choice.get("logprobs") or {}).get("tokens"):
+                            result.token_times.append(now)
             if result.status != 200:
                 result.error = result.error or buffer.decode(errors="replace")[:200]
     except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
@@ -171,8 +174,18 @@ def throughput(port: int, prompts: list[list[int]], max_tokens: int, timeout_s: 
     first = min(r.first_event for r in results)
     end = max(r.finished for r in results)
     generated = sum(r.usage["completion_tokens"] for r in results)
+    # Steady state: while every stream is decoding (after the last first token, before the first last
+    # token), no prefill shares the steps.
+    if all(len(r.token_times) >= 2 for r in results):
+        t0 = max(r.token_times[0] for r in results)
+        t1 = min(r.token_times[-1] for r in results)
+        tokens = sum(1 for r in results for t in r.token_times if t0 < t <= t1)
+        steady = tokens / (t1 - t0) if t1 > t0 and tokens else float("nan")
+    else:
+        steady = float("nan")
     return {
         "decode_tok_s": (generated - len(results)) / (end - first),
+        "steady_tok_s": steady,
         "e2e_tok_s": generated / (end - start),
         "wall_s": end - start,
         "ttft_mean_s": statistics.mean(r.first_event - r.sent for r in results),
@@ -250,6 +263,7 @@ def main() -> None:
             hits.append(u_hit.get("prompt_cache_hit_tokens", 0))
 
     one, many = tp[1]["decode_tok_s"], tp[args.streams]["decode_tok_s"]
+    steady_one, steady_many = tp[1]["steady_tok_s"], tp[args.streams]["steady_tok_s"]
     summary = {
         "model": str(args.model),
         "ctx": args.ctx,
@@ -261,6 +275,9 @@ def main() -> None:
         "e2e_tok_s_1": round(tp[1]["e2e_tok_s"], 1),
         f"e2e_tok_s_{args.streams}": round(tp[args.streams]["e2e_tok_s"], 1),
         "throughput_ratio": round(many / one, 2),
+        "steady_tok_s_1": round(steady_one, 1),
+        f"steady_tok_s_{args.streams}": round(steady_many, 1),
+        "steady_ratio": round(steady_many / steady_one, 2),
         f"tokens_per_step_{args.streams}": round(tp[args.streams]["tokens_per_step"], 2),
         "long_prompt_tokens": args.long_prompt_tokens + args.tail_tokens,
         "prompt_cache_hit_tokens": min(hits),
@@ -274,6 +291,8 @@ def main() -> None:
         (f"generated tokens per engine step, {args.streams} streams",
          f"{tp[args.streams]['tokens_per_step']:.2f}", ""),
         ("throughput ratio", f"{summary['throughput_ratio']:.2f}x", ">= 4x" if args.streams == 16 else ""),
+        (f"steady decode tok/s, all {args.streams} streams decoding", f"{steady_many:.1f}", ""),
+        ("steady ratio (same, against 1 stream)", f"{summary['steady_ratio']:.2f}x", ""),
         (f"TTFT cold, {summary['long_prompt_tokens']}-token prompt", f"{summary['ttft_cold_s'] * 1e3:.1f} ms", ""),
         (f"TTFT prefix hit ({summary['prompt_cache_hit_tokens']} cached)", f"{summary['ttft_hit_s'] * 1e3:.1f} ms", ""),
         ("TTFT ratio", f"{summary['ttft_ratio']:.2f}x", ">= 5x"),
