@@ -700,11 +700,21 @@ fn matmul_batch_with(isa: Isa, jobs: &mut [MatmulJob<'_>]) -> Result<(), KernelE
     Ok(())
 }
 
+/// The index of `key` in `keys`, pushed if absent; the input slice (the key's first part) compares by
+/// address and length, not by value.
+fn index_of<'a, K: Copy + PartialEq>(keys: &mut Vec<(&'a [f32], K)>, key: (&'a [f32], K)) -> usize {
+    let same = |&(x, rest): &(&[f32], K)| std::ptr::eq(x, key.0) && rest == key.1;
+    keys.iter().position(same).unwrap_or_else(|| {
+        keys.push(key);
+        keys.len() - 1
+    })
+}
+
 /// Runs `jobs`, whose sizes are checked and whose token counts are `tokens`, in one parallel region.
 fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
     let isa = isa.min(cpu::detected());
     // Each distinct input, by address, length, width and activation format, is quantized once.
-    let mut inputs: Vec<(&[f32], usize, ActFormat)> = Vec::new();
+    let mut inputs: Vec<(&[f32], (usize, ActFormat))> = Vec::new();
     // Jobs on the f32 path read their input as it is: their index is never used.
     let input_of: Vec<usize> = jobs
         .iter()
@@ -713,14 +723,10 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
             if j.matrix.format.f32_path(isa, t).is_some() {
                 return usize::MAX;
             }
-            let key = (j.x, j.matrix.cols, j.matrix.format.activations());
-            let same = |&(x, cols, format): &(&[f32], usize, ActFormat)| {
-                std::ptr::eq(x, key.0) && cols == key.1 && format == key.2
-            };
-            inputs.iter().position(same).unwrap_or_else(|| {
-                inputs.push(key);
-                inputs.len() - 1
-            })
+            index_of(
+                &mut inputs,
+                (j.x, (j.matrix.cols, j.matrix.format.activations())),
+            )
         })
         .collect();
     // Taken, not borrowed: a nested call (a rayon task run while this one waits) gets fresh ones.
@@ -728,10 +734,11 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
     if acts.len() < inputs.len() {
         acts.resize_with(inputs.len(), Activations::default);
     }
-    let values: usize = inputs.iter().map(|(x, _, _)| x.len()).sum();
-    let quantize = |(a, &(x, cols, format)): (&mut Activations, &(&[f32], usize, ActFormat))| {
-        a.quantize(format, x, cols)
-    };
+    let values: usize = inputs.iter().map(|(x, _)| x.len()).sum();
+    let quantize =
+        |(a, &(x, (cols, format))): (&mut Activations, &(&[f32], (usize, ActFormat)))| {
+            a.quantize(format, x, cols)
+        };
     if inputs.len() > 1 && values >= PARALLEL_QUANTIZE_VALUES {
         acts.par_iter_mut().zip(&inputs).for_each(quantize);
     } else {
@@ -748,12 +755,7 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
                 if j.matrix.format.f32_path(isa, t) != Some(F32Path::Tiles) {
                     return usize::MAX;
                 }
-                let key = (j.x, j.matrix.cols);
-                let same = |&(x, cols): &(&[f32], usize)| std::ptr::eq(x, key.0) && cols == key.1;
-                keys.iter().position(same).unwrap_or_else(|| {
-                    keys.push(key);
-                    keys.len() - 1
-                })
+                index_of(&mut keys, (j.x, j.matrix.cols))
             })
             .collect();
         let mut transposed = TRANSPOSED.take();

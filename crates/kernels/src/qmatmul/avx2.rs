@@ -33,7 +33,7 @@ pub(super) fn f16_at(block: &[u8], at: usize) -> f32 {
 }
 
 /// How far ahead of the bytes being dotted weights are prefetched.
-const PREFETCH_DISTANCE: usize = 1024;
+pub(super) const PREFETCH_DISTANCE: usize = 1024;
 
 /// Asks for the cache lines `PREFETCH_DISTANCE` bytes past those of `bytes`: decode streams each
 /// weight once, and the hardware prefetcher alone keeps too few lines in flight to reach the
@@ -41,9 +41,16 @@ const PREFETCH_DISTANCE: usize = 1024;
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn prefetch_ahead(bytes: &[u8]) {
-    let ahead = bytes.as_ptr().wrapping_add(PREFETCH_DISTANCE);
+    prefetch_at(bytes, PREFETCH_DISTANCE);
+}
+
+/// Asks for the cache lines `distance` bytes past those of `bytes` (a prefetch never faults, so an
+/// address past the end of the weights is harmless).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn prefetch_at(bytes: &[u8], distance: usize) {
+    let ahead = bytes.as_ptr().wrapping_add(distance);
     for line in (0..bytes.len()).step_by(64) {
-        // A prefetch never faults, so an address past the end of the weights is harmless.
         _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
     }
 }

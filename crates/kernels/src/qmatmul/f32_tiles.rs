@@ -17,7 +17,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::avx2::{bytes_from_bits, f16_at, levels_q4_0, levels_q5_0, nibbles};
+use super::avx2::{bytes_from_bits, f16_at, levels_q4_0, levels_q5_0, nibbles, prefetch_at};
 use super::float_rows::load8;
 use super::{Format, OutPtr};
 
@@ -69,17 +69,6 @@ impl Transposed {
                 column[j] = v;
             }
         }
-    }
-}
-
-/// Asks for the cache lines `distance` bytes past those of `bytes` (a prefetch never faults, so an
-/// address past the end of the weights is harmless).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch_ahead(bytes: &[u8], distance: usize) {
-    let ahead = bytes.as_ptr().wrapping_add(distance);
-    for line in (0..bytes.len()).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
     }
 }
 
@@ -225,7 +214,7 @@ pub(super) unsafe fn tile(
             let bytes = format.bytes_for(k0)..format.bytes_for(k0 + width);
             for (i, w) in weights.chunks_exact_mut(K_STRIP).take(n).enumerate() {
                 let row = &data[(first + i) * row_bytes..][bytes.clone()];
-                prefetch_ahead(row, bytes.len());
+                prefetch_at(row, bytes.len());
                 decode(format, row, &mut w[..width]);
             }
             // Rows past the tile's end (n < ROWS) multiply stale values into sums never stored.

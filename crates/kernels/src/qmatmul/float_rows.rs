@@ -13,7 +13,7 @@ use half::f16;
 
 use super::Format;
 #[cfg(target_arch = "x86_64")]
-use super::avx2::hsum;
+use super::avx2::{PREFETCH_DISTANCE, hsum};
 
 /// Bytes of one weight of a float format.
 pub(super) fn weight_bytes(format: Format) -> usize {
@@ -46,10 +46,6 @@ pub(super) fn dot_scalar(format: Format, row: &[u8], x: &[f32]) -> f32 {
         .zip(x)
         .fold(0f32, |sum, (w, &x)| weight(format, w).mul_add(x, sum))
 }
-
-/// How far ahead of the bytes being dotted weights are prefetched.
-#[cfg(target_arch = "x86_64")]
-const PREFETCH_DISTANCE: usize = 1024;
 
 /// Eight weights of `format` from `p` as f32.
 ///
