@@ -98,7 +98,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..vocab)).collect() };
     let depth_tokens = random_tokens(args.depth);
     let prompt = random_tokens(args.n_prompt);
-    let gen_tokens = random_tokens(args.n_gen.max(1));
+    // One stream of input tokens per sequence: sequences fed the same tokens would have the same
+    // hidden states, and an MoE would route them all to the same experts.
+    let gen_tokens: Vec<Vec<u32>> = (0..args.parallel)
+        .map(|_| random_tokens(args.n_gen.max(1)))
+        .collect();
 
     // The depth tokens are run once; every test starts from a copy of that cache.
     let mut at_depth = model.new_cache(Some(longest))?;
@@ -139,18 +143,18 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let Some(paged) = &paged_at_depth else {
             let mut cache = fresh(n)?;
             let start = Instant::now();
-            for &t in &gen_tokens[..n] {
+            for &t in &gen_tokens[0][..n] {
                 model.forward(&[t], &mut cache, Logits::Last)?;
             }
             return Ok(n as f64 / start.elapsed().as_secs_f64());
         };
         let mut cache = paged.clone();
         let start = Instant::now();
-        for (step, t) in gen_tokens[..n].iter().enumerate() {
-            let token = [*t];
-            let segments: Vec<Segment> = (0..parallel)
-                .map(|_| Segment {
-                    tokens: &token,
+        for step in 0..n {
+            let segments: Vec<Segment> = gen_tokens
+                .iter()
+                .map(|tokens| Segment {
+                    tokens: &tokens[step..step + 1],
                     start: args.depth + step,
                     logits: Some(Logits::Last),
                 })
