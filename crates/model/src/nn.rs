@@ -15,7 +15,7 @@ pub enum LinearWeight {
     Dense(Tensor),
     /// (out, in) in a GGUF block format or as stored floats (f32, f16, bf16), read in place from the
     /// file's memory map.
-    Quantized(QMatrix),
+    Mapped(QMatrix),
 }
 
 /// `y = x W^T (+ b)` with `W` stored as (out, in).
@@ -31,7 +31,7 @@ impl Linear {
     /// stored in a block format the kernels multiply (a quantized GGUF) stays in that format.
     pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = match w.get_quantized("weight", &[out_dim, in_dim])? {
-            Some(q) => LinearWeight::Quantized(q),
+            Some(q) => LinearWeight::Mapped(q),
             None => LinearWeight::Dense(w.get("weight", &[out_dim, in_dim])?),
         };
         let bias = if bias {
@@ -55,7 +55,7 @@ impl Linear {
     /// The weight when it is quantized and there is no bias: the map is then a bare product.
     pub fn quantized(&self) -> Option<&QMatrix> {
         match (&self.weight, &self.bias) {
-            (LinearWeight::Quantized(q), None) => Some(q),
+            (LinearWeight::Mapped(q), None) => Some(q),
             _ => None,
         }
     }
@@ -64,7 +64,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
-            LinearWeight::Quantized(q) => quantized_matmul(q, x)?,
+            LinearWeight::Mapped(q) => quantized_matmul(q, x)?,
         };
         self.add_bias(y)
     }
@@ -83,7 +83,7 @@ impl Linear {
 pub fn forward_all<const N: usize>(linears: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
     let quantized = linears
         .iter()
-        .filter(|l| matches!(l.weight, LinearWeight::Quantized(_)))
+        .filter(|l| matches!(l.weight, LinearWeight::Mapped(_)))
         .count();
     let mut ys = Vec::with_capacity(N);
     if quantized < 2 {
@@ -96,7 +96,7 @@ pub fn forward_all<const N: usize>(linears: [&Linear; N], x: &Tensor) -> Result<
         let mut outs: Vec<Vec<f32>> = linears
             .iter()
             .map(|l| match &l.weight {
-                LinearWeight::Quantized(q) => vec![0f32; tokens * q.rows()],
+                LinearWeight::Mapped(q) => vec![0f32; tokens * q.rows()],
                 LinearWeight::Dense(_) => Vec::new(),
             })
             .collect();
@@ -104,7 +104,7 @@ pub fn forward_all<const N: usize>(linears: [&Linear; N], x: &Tensor) -> Result<
             .iter()
             .zip(&mut outs)
             .filter_map(|(l, out)| match &l.weight {
-                LinearWeight::Quantized(matrix) => Some(MatmulJob {
+                LinearWeight::Mapped(matrix) => Some(MatmulJob {
                     matrix,
                     x: &input,
                     out,
@@ -115,7 +115,7 @@ pub fn forward_all<const N: usize>(linears: [&Linear; N], x: &Tensor) -> Result<
         matmul_batch(&mut jobs)?;
         for (linear, out) in linears.into_iter().zip(outs) {
             ys.push(match &linear.weight {
-                LinearWeight::Quantized(q) => {
+                LinearWeight::Mapped(q) => {
                     linear.add_bias(Tensor::from_vec(out, (tokens, q.rows()), x.device())?)?
                 }
                 LinearWeight::Dense(_) => linear.forward(x)?,
@@ -142,7 +142,7 @@ impl LinearWeight {
     pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
         match self {
             LinearWeight::Dense(w) => Ok(w.clone()),
-            LinearWeight::Quantized(q) => {
+            LinearWeight::Mapped(q) => {
                 let mut values = vec![0f32; q.rows() * q.cols()];
                 for (row, out) in values.chunks_exact_mut(q.cols()).enumerate() {
                     q.dequantize_row(row, out);
@@ -165,7 +165,7 @@ impl Embedding {
     /// Loads `{prefix}.weight` of shape (vocab, hidden), keeping a quantized GGUF table quantized.
     pub fn load(w: &Weights, vocab: usize, hidden: usize) -> Result<Self> {
         let table = match w.get_quantized("weight", &[vocab, hidden])? {
-            Some(q) => LinearWeight::Quantized(q),
+            Some(q) => LinearWeight::Mapped(q),
             None => LinearWeight::Dense(w.get("weight", &[vocab, hidden])?),
         };
         Ok(Self {
@@ -188,7 +188,7 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.table {
             LinearWeight::Dense(table) => Ok(table.index_select(ids, 0)?),
-            LinearWeight::Quantized(q) => {
+            LinearWeight::Mapped(q) => {
                 let ids: Vec<u32> = ids.to_vec1()?;
                 let mut out = vec![0f32; ids.len() * q.cols()];
                 for (&id, row) in ids.iter().zip(out.chunks_exact_mut(q.cols())) {

@@ -330,12 +330,12 @@ impl Mla {
                 let mut rows = Vec::with_capacity(2 * key.len());
                 for (k, v) in key.iter().zip(value) {
                     rows.push(
-                        LinearWeight::Quantized(k.clone())
+                        LinearWeight::Mapped(k.clone())
                             .to_dense(device)?
                             .t()?
                             .contiguous()?,
                     );
-                    rows.push(LinearWeight::Quantized(v.clone()).to_dense(device)?);
+                    rows.push(LinearWeight::Mapped(v.clone()).to_dense(device)?);
                 }
                 Ok(c_kv.matmul(&Tensor::cat(&rows, 0)?.t()?)?)
             }
