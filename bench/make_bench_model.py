@@ -8,7 +8,10 @@ zeroed: their logit is then exactly 0 while the largest of the other 700 logits 
 greedy decoding never ends early and every benchmark request generates exactly `max_tokens`. Weights are initialized, converted to the
 published layout and saved with tests/fixtures/make_models.py's own functions.
 
-Usage: .venv/bin/python bench/make_bench_model.py [--out /tmp/tiefsee-bench-model]
+`--fp8` writes the same model in DeepSeek's FP8 release format instead (e4m3 decoder-layer weights with one
+`weight_scale_inv` per 128x128 block, the rest bf16), by default to /tmp/tiefsee-bench-model-fp8.
+
+Usage: .venv/bin/python bench/make_bench_model.py [--fp8] [--out /tmp/tiefsee-bench-model]
 """
 
 import argparse
@@ -27,7 +30,7 @@ sys.path.insert(0, str(REPO / "tests" / "fixtures"))
 import make_models  # noqa: E402
 
 
-def bench_variant(vocab_size: int) -> make_models.Variant:
+def bench_variant(vocab_size: int, fp8: bool) -> make_models.Variant:
     config = make_models.deepseek_common() | {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -65,17 +68,26 @@ def bench_variant(vocab_size: int) -> make_models.Variant:
         },
         "vocab_size": vocab_size,
     }
-    return make_models.Variant("deepseek-v3-bench", "deepseek-v3", config, torch.bfloat16, seed=7013)
+    if fp8:
+        config["quantization_config"] = {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": [make_models.FP8_BLOCK, make_models.FP8_BLOCK],
+        }
+    return make_models.Variant("deepseek-v3-bench", "deepseek-v3", config, torch.bfloat16, seed=7013, fp8=fp8)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/tiefsee-bench-model"))
+    parser.add_argument("--fp8", action="store_true", help="DeepSeek's block-scaled FP8 release format")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default /tmp/tiefsee-bench-model, or /tmp/tiefsee-bench-model-fp8 with --fp8")
     args = parser.parse_args()
 
     fixture_config = json.loads((FIXTURE / "config.json").read_text())
-    variant = bench_variant(fixture_config["vocab_size"])
-    out = args.out
+    variant = bench_variant(fixture_config["vocab_size"], args.fp8)
+    out = args.out or Path("/tmp/tiefsee-bench-model-fp8" if args.fp8 else "/tmp/tiefsee-bench-model")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

@@ -99,6 +99,7 @@ fn main() {
     let only_type = args
         .iter()
         .find_map(|a| GgmlType::ALL.into_iter().find(|t| t.name() == a));
+    let only_fp8 = args.iter().any(|a| a == "FP8");
     println!(
         "isa {}, {} threads",
         tiefsee_kernels::cpu::isa().name(),
@@ -117,7 +118,7 @@ fn main() {
         "GFLOP/s",
         "speedup"
     );
-    if experts_only || (!quick && only_shape.is_none() && only_type.is_none()) {
+    if experts_only || (!quick && only_shape.is_none() && only_type.is_none() && !only_fp8) {
         bench_experts();
     }
     if experts_only {
@@ -148,7 +149,7 @@ fn main() {
     };
     for ty in types
         .into_iter()
-        .filter(|&t| only_type.is_none_or(|o| o == t))
+        .filter(|&t| !only_fp8 && only_type.is_none_or(|o| o == t))
     {
         let wanted = |&&(rows, cols, _): &&(usize, usize, &[usize])| {
             cols % ty.block_size() == 0 && only_shape.is_none_or(|s| *s == format!("{rows}x{cols}"))
@@ -161,22 +162,10 @@ fn main() {
             let ours = QMatrix::new(ty, rows, cols, WeightBytes::from_vec(bytes)).expect("matrix");
             let weight_gb = (ours.row_bytes() * rows) as f64 / 1e9;
             for &tokens in token_counts.iter().filter(|&&t| !decode_only || t == 1) {
-                let x: Vec<f32> = (0..tokens * cols)
-                    .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-                    .collect();
-                let mut out = vec![0f32; tokens * rows];
+                let x = activations(tokens, cols);
+                let (t_ours, out) = time_ours(&ours, &x, quick);
                 let budget = Duration::from_millis(if quick { 20 } else { 50 });
-                let t_ours = best_of(RUNS, budget, || ours.matmul(&x, &mut out).expect("matmul"));
-                let flop = 2.0 * (rows * cols * tokens) as f64 / 1e9;
-                let rates = |t: Duration| {
-                    let secs = t.as_secs_f64();
-                    format!(
-                        "{:>9.3} {:>7.1} {:>7.1}",
-                        secs * 1e3,
-                        weight_gb / secs,
-                        flop / secs
-                    )
-                };
+                let rates = |t: Duration| rates(weight_gb, rows * cols * tokens, t);
                 let theirs = if ours_only {
                     String::new()
                 } else {
@@ -210,6 +199,73 @@ fn main() {
                     rates(t_ours),
                 );
             }
+        }
+    }
+    if only_fp8 || only_type.is_none() {
+        bench_fp8(shapes, only_shape, quick, decode_only);
+    }
+}
+
+/// Deterministic activations of `tokens` tokens of `cols` values in [-1, 1).
+fn activations(tokens: usize, cols: usize) -> Vec<f32> {
+    (0..tokens * cols)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
+/// Best time of `m` times `x` (see [`best_of`]), and the product.
+fn time_ours(m: &QMatrix, x: &[f32], quick: bool) -> (Duration, Vec<f32>) {
+    let mut out = vec![0f32; x.len() / m.cols() * m.rows()];
+    let budget = Duration::from_millis(if quick { 20 } else { 50 });
+    let t = best_of(RUNS, budget, || m.matmul(x, &mut out).expect("matmul"));
+    (t, out)
+}
+
+/// Milliseconds, GB/s of `weight_gb` and GFLOP/s of `macs` multiply-adds for a call taking `t`.
+fn rates(weight_gb: f64, macs: usize, t: Duration) -> String {
+    let secs = t.as_secs_f64();
+    format!(
+        "{:>9.3} {:>7.1} {:>7.1}",
+        secs * 1e3,
+        weight_gb / secs,
+        2.0 * macs as f64 / 1e9 / secs
+    )
+}
+
+/// DeepSeek's FP8 weights (one byte per weight, a scale per 128 x 128 block) over the same shapes;
+/// ours only, since candle has no FP8 product. Random bytes, the two NaN codes excluded.
+fn bench_fp8(
+    shapes: &[(usize, usize, &[usize])],
+    only_shape: Option<&String>,
+    quick: bool,
+    decode_only: bool,
+) {
+    let wanted = |&&(rows, cols, _): &&(usize, usize, &[usize])| {
+        only_shape.is_none_or(|s| *s == format!("{rows}x{cols}"))
+    };
+    for &(rows, cols, token_counts) in shapes.iter().filter(wanted) {
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        let bytes: Vec<u8> = (0..rows * cols)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s as u8) & !0x40
+            })
+            .collect();
+        let scales = vec![0.01f32; rows.div_ceil(128) * cols.div_ceil(128)];
+        let ours = QMatrix::fp8(rows, cols, WeightBytes::from_vec(bytes), scales, [128, 128])
+            .expect("matrix");
+        let weight_gb = (rows * cols) as f64 / 1e9;
+        for &tokens in token_counts.iter().filter(|&&t| !decode_only || t == 1) {
+            let (t_ours, _) = time_ours(&ours, &activations(tokens, cols), quick);
+            println!(
+                "{:<5} {:>13} {:>4} | {}",
+                "FP8",
+                format!("{rows}x{cols}"),
+                tokens,
+                rates(weight_gb, rows * cols * tokens, t_ours),
+            );
         }
     }
 }

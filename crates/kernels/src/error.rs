@@ -42,6 +42,27 @@ pub enum KernelError {
         /// Bytes given.
         found: usize,
     },
+    /// An FP8 matrix's bytes or block scales do not fit its shape.
+    #[error(
+        "FP8 matrix of {rows} x {cols} in blocks of {block:?} needs {expected_bytes} bytes and \
+         {expected_scales} block scales, got {found_bytes} bytes and {found_scales} scales"
+    )]
+    Fp8Shape {
+        /// Rows of the matrix.
+        rows: usize,
+        /// Columns of the matrix.
+        cols: usize,
+        /// Rows and columns per scale block.
+        block: [usize; 2],
+        /// Bytes the shape needs (one per weight).
+        expected_bytes: usize,
+        /// Bytes given.
+        found_bytes: usize,
+        /// Scales the shape needs (one per block, partial blocks included).
+        expected_scales: usize,
+        /// Scales given.
+        found_scales: usize,
+    },
     /// A row range reaches past the last row.
     #[error("rows {start}..{start}+{len} are out of bounds for a matrix of {rows} rows")]
     RowsOutOfBounds {

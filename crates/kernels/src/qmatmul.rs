@@ -16,7 +16,9 @@
 //!
 //! Float weights always multiply the f32 activations: row by row for a few tokens
 //! (`qmatmul/float_rows.rs`, converted in registers, so a token streams two bytes per weight for f16
-//! and bf16), through the same f32 kernels from `FLOAT_TILES_MIN_TOKENS` on.
+//! and bf16), through the same f32 kernels from `FLOAT_TILES_MIN_TOKENS` on. So do DeepSeek's FP8
+//! weights (`qmatmul/fp8.rs`: one byte per weight and a scale per 128 x 128 block), decoded exactly as
+//! the reference dequantizes them.
 //!
 //! Work is split over rayon's global pool by tiles of weight rows. Inside a tile, tokens go in groups
 //! of up to four through one row at a time, so each weight row is read from memory once per call
@@ -32,6 +34,7 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod f32_tiles;
 mod float_rows;
+mod fp8;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -46,6 +49,7 @@ use tiefsee_gguf::GgmlType;
 use crate::KernelError;
 use crate::cpu::{self, Isa};
 use activations::{ActFormat, Activations, Token};
+use fp8::BlockScales;
 
 /// Bytes of one weight matrix, shared and never copied: a range of a memory map or of an owned buffer.
 #[derive(Clone)]
@@ -100,7 +104,8 @@ impl std::fmt::Debug for WeightBytes {
     }
 }
 
-/// The weight formats with kernels: the subset of [`GgmlType`] a [`QMatrix`] accepts.
+/// The weight formats with kernels: the subset of [`GgmlType`] a [`QMatrix`] accepts, and DeepSeek's
+/// block-scaled FP8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
     Q4_0,
@@ -114,6 +119,8 @@ enum Format {
     F32,
     F16,
     BF16,
+    /// e4m3 bytes with f32 scales per block of weights ([`BlockScales`]), multiplied as floats.
+    F8E4M3,
 }
 
 /// The ways of the f32 path.
@@ -139,15 +146,15 @@ impl Format {
             Format::Q4K => scalar::dot_q4_k,
             Format::Q5K => scalar::dot_q5_k,
             Format::Q6K => scalar::dot_q6_k,
-            Format::F32 | Format::F16 | Format::BF16 => {
+            Format::F32 | Format::F16 | Format::BF16 | Format::F8E4M3 => {
                 unreachable!("float formats multiply f32 activations")
             }
         }
     }
 
-    /// The GGUF type of this format.
-    fn ty(self) -> GgmlType {
-        match self {
+    /// The GGUF type of this format (FP8 has none).
+    fn ty(self) -> Option<GgmlType> {
+        Some(match self {
             Format::Q4_0 => GgmlType::Q4_0,
             Format::Q4_1 => GgmlType::Q4_1,
             Format::Q5_0 => GgmlType::Q5_0,
@@ -159,17 +166,23 @@ impl Format {
             Format::F32 => GgmlType::F32,
             Format::F16 => GgmlType::F16,
             Format::BF16 => GgmlType::BF16,
-        }
+            Format::F8E4M3 => return None,
+        })
     }
 
-    /// Whether the weights are plain floats (f32, f16, bf16) rather than blocks.
+    /// Whether the weights multiply the f32 activations as floats (f32, f16, bf16, FP8) rather than
+    /// as blocks of integers.
     fn is_float(self) -> bool {
-        matches!(self, Format::F32 | Format::F16 | Format::BF16)
+        matches!(
+            self,
+            Format::F32 | Format::F16 | Format::BF16 | Format::F8E4M3
+        )
     }
 
     /// Bytes of `values` weights, a multiple of the block size.
     fn bytes_for(self, values: usize) -> usize {
         match self {
+            Format::F8E4M3 => values,
             Format::F32 | Format::F16 | Format::BF16 => values * float_rows::weight_bytes(self),
             Format::Q4K | Format::Q5K | Format::Q6K => values / 256 * self.block_bytes(),
             _ => values / 32 * self.block_bytes(),
@@ -188,11 +201,12 @@ impl Format {
             Format::Q5K => 176,
             Format::Q6K => 210,
             Format::F32 | Format::F16 | Format::BF16 => float_rows::weight_bytes(self),
+            Format::F8E4M3 => 1,
         }
     }
 
-    /// Every format, in the order of the enum.
-    const ALL: [Format; 11] = [
+    /// Every format with a GGUF type, in the order of the enum.
+    const GGML: [Format; 11] = [
         Format::Q4_0,
         Format::Q4_1,
         Format::Q5_0,
@@ -207,7 +221,7 @@ impl Format {
     ];
 
     fn of(ty: GgmlType) -> Option<Self> {
-        Self::ALL.into_iter().find(|f| f.ty() == ty)
+        Self::GGML.into_iter().find(|f| f.ty() == Some(ty))
     }
 
     /// Most tokens one kernel call takes: each weight block is unpacked once for them, so the
@@ -221,7 +235,8 @@ impl Format {
             | Format::Q8_0
             | Format::F32
             | Format::F16
-            | Format::BF16 => 4,
+            | Format::BF16
+            | Format::F8E4M3 => 4,
             Format::Q4K | Format::Q5K | Format::Q6K => 8,
         }
     }
@@ -252,7 +267,7 @@ impl Format {
                 ActFormat::Q8_0
             }
             Format::Q4K | Format::Q5K | Format::Q6K => ActFormat::Q8K,
-            Format::F32 | Format::F16 | Format::BF16 => {
+            Format::F32 | Format::F16 | Format::BF16 | Format::F8E4M3 => {
                 unreachable!("float formats multiply f32 activations")
             }
         }
@@ -261,15 +276,16 @@ impl Format {
 
 /// A (rows, cols) weight matrix in one of llama.cpp's block formats or a float type, row-major: each
 /// row is cols/block_size whole blocks. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F32, F16 and
-/// BF16 have kernels.
+/// BF16 have kernels, and so has DeepSeek's block-scaled FP8 ([`QMatrix::fp8`]).
 #[derive(Clone, Debug)]
 pub struct QMatrix {
-    ty: GgmlType,
     format: Format,
     rows: usize,
     cols: usize,
     /// (rows, cols / block_size) blocks
     data: WeightBytes,
+    /// The block scales of an FP8 matrix.
+    scales: Option<BlockScales>,
 }
 
 /// Smallest share of weight bytes worth handing to another thread.
@@ -344,12 +360,50 @@ impl QMatrix {
             });
         }
         Ok(Self {
-            ty,
             format,
             rows,
             cols,
             data,
+            scales: None,
         })
+    }
+
+    /// DeepSeek's FP8 weights: `data` holds (rows, cols) e4m3 bytes, row-major, and `scales` one f32
+    /// per `block` (rows, cols) of weights, row-major over the grid of blocks (partial blocks at the
+    /// edges); a weight is its e4m3 value times its block's scale (the checkpoint's `weight_scale_inv`).
+    /// The two e4m3 NaN codes (0x7F, 0xFF), which DeepSeek's quantizer never writes, read as +-480.
+    pub fn fp8(
+        rows: usize,
+        cols: usize,
+        data: WeightBytes,
+        scales: Vec<f32>,
+        block: [usize; 2],
+    ) -> Result<Self, KernelError> {
+        let found_scales = scales.len();
+        let expected_bytes = rows.checked_mul(cols);
+        let grid = BlockScales::new(scales, block, rows, cols);
+        let found_bytes = data.as_slice().len();
+        match grid {
+            Some(scales) if cols > 0 && expected_bytes == Some(found_bytes) => Ok(Self {
+                format: Format::F8E4M3,
+                rows,
+                cols,
+                data,
+                scales: Some(scales),
+            }),
+            _ => Err(KernelError::Fp8Shape {
+                rows,
+                cols,
+                block,
+                expected_bytes: expected_bytes.unwrap_or(usize::MAX),
+                found_bytes,
+                expected_scales: match block {
+                    [0, _] | [_, 0] => 0,
+                    [br, bc] => rows.div_ceil(br).saturating_mul(cols.div_ceil(bc)),
+                },
+                found_scales,
+            }),
+        }
     }
 
     /// Whether [`QMatrix::new`] accepts weights of type `ty`.
@@ -357,9 +411,9 @@ impl QMatrix {
         Format::of(ty).is_some()
     }
 
-    /// The weight type.
-    pub fn ty(&self) -> GgmlType {
-        self.ty
+    /// The weight type (`None` for FP8, which GGUF does not have).
+    pub fn ty(&self) -> Option<GgmlType> {
+        self.format.ty()
     }
 
     /// Number of rows (outputs per token).
@@ -374,7 +428,7 @@ impl QMatrix {
 
     /// Bytes of one row.
     pub fn row_bytes(&self) -> usize {
-        self.cols / self.ty.block_size() * self.ty.type_size()
+        self.format.bytes_for(self.cols)
     }
 
     /// All rows' bytes.
@@ -401,6 +455,7 @@ impl QMatrix {
         Ok(QMatrix {
             rows: len,
             data: self.data.sub(start * rb..end * rb),
+            scales: self.scales.as_ref().map(|s| s.rows_from(start)),
             ..self.clone()
         })
     }
@@ -413,8 +468,14 @@ impl QMatrix {
         assert_eq!(out.len(), self.cols, "output length for one row");
         let rb = self.row_bytes();
         let bytes = &self.data()[row * rb..(row + 1) * rb];
-        tiefsee_gguf::dequantize_into(self.ty, bytes, out)
-            .expect("QMatrix::new checked that a row is whole blocks");
+        match (&self.scales, self.format.ty()) {
+            (Some(scales), _) => {
+                fp8::decode_scalar(bytes, scales.row(row), scales.block_cols(), 0, out)
+            }
+            (None, Some(ty)) => tiefsee_gguf::dequantize_into(ty, bytes, out)
+                .expect("QMatrix::new checked that a row is whole blocks"),
+            (None, None) => unreachable!("an FP8 matrix has scales"),
+        }
     }
 
     /// `out = x W^T`: x is (tokens, cols) row-major f32 and out (tokens, rows), tokens = x.len() / cols.
@@ -476,7 +537,7 @@ impl QMatrix {
         let row_bytes = self.row_bytes();
         let rows = (self.rows * row_bytes / wanted).max(MIN_TASK_BYTES) / row_bytes;
         let rows = if tokens > max_group {
-            let chunk_bytes = self.ty.bytes_for(chunk).unwrap_or(row_bytes);
+            let chunk_bytes = self.format.bytes_for(chunk);
             rows.min(MAX_TILE_BYTES / chunk_bytes)
         } else {
             rows
@@ -506,7 +567,7 @@ impl QMatrix {
         let first = part.first;
         let toks: [Token; T] = std::array::from_fn(|k| acts.token(first + k, part.cols.clone()));
         let rb = self.row_bytes();
-        let bytes = |c: usize| c / self.ty.block_size() * self.ty.type_size();
+        let bytes = |c: usize| self.format.bytes_for(c);
         let (start, end) = (bytes(part.cols.start), bytes(part.cols.end));
         let data = self.data();
         let accumulate = part.cols.start > 0;
@@ -553,7 +614,7 @@ impl QMatrix {
                 Format::Q4K => each_row(&|row| unsafe { avx2::dot_q4_k(row, &toks) }),
                 Format::Q5K => each_row(&|row| unsafe { avx2::dot_q5_k(row, &toks) }),
                 Format::Q6K => each_row(&|row| unsafe { avx2::dot_q6_k(row, &toks) }),
-                Format::F32 | Format::F16 | Format::BF16 => {
+                Format::F32 | Format::F16 | Format::BF16 | Format::F8E4M3 => {
                     unreachable!("float formats multiply f32 activations")
                 }
             }
@@ -601,15 +662,25 @@ impl QMatrix {
         let rb = self.row_bytes();
         for r in rows {
             let row = &self.data()[r * rb..(r + 1) * rb];
+            let scales = self.scales.as_ref().map(|s| (s.row(r), s.block_cols()));
+            let scalar = |x: &[f32]| match scales {
+                Some((scales, block_cols)) => fp8::dot_scalar(row, scales, block_cols, x),
+                None => float_rows::dot_scalar(self.format, row, x),
+            };
             #[cfg(target_arch = "x86_64")]
             let dots = if isa >= Isa::Avx2 {
                 // SAFETY: isa is Avx2 or better only when cpu::detected() found AVX2, FMA and F16C.
-                unsafe { float_rows::dot(self.format, row, &xs) }
+                unsafe {
+                    match scales {
+                        Some((scales, block_cols)) => fp8::dot(row, scales, block_cols, &xs),
+                        None => float_rows::dot(self.format, row, &xs),
+                    }
+                }
             } else {
-                xs.map(|x| float_rows::dot_scalar(self.format, row, x))
+                xs.map(scalar)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let dots = xs.map(|x| float_rows::dot_scalar(self.format, row, x));
+            let dots = xs.map(scalar);
             for (k, v) in dots.into_iter().enumerate() {
                 // SAFETY: (first + k, r) is in bounds and ours alone (caller).
                 unsafe { out.store((first + k) * self.rows + r, v, false) };
@@ -627,14 +698,30 @@ impl QMatrix {
         let mut decoded = DECODED.take();
         decoded.resize(rows.len() * cols, 0.0);
         let bytes = &self.data()[rows.start * rb..rows.end * rb];
-        // SAFETY: f32_path gives Gemm only on an Avx2 isa or better (AVX2, FMA and F16C present).
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            f32_tiles::decode(self.format, bytes, &mut decoded)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        tiefsee_gguf::dequantize_into(self.ty, bytes, &mut decoded)
-            .expect("QMatrix::new checked that rows are whole blocks");
+        match &self.scales {
+            Some(scales) => {
+                let rows_out = bytes.chunks_exact(rb).zip(decoded.chunks_exact_mut(cols));
+                for (r, (row, out)) in rows.clone().zip(rows_out) {
+                    // SAFETY: f32_path gives Gemm only on an Avx2 isa or better.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        fp8::decode(row, scales.row(r), scales.block_cols(), 0, out)
+                    };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    fp8::decode_scalar(row, scales.row(r), scales.block_cols(), 0, out);
+                }
+            }
+            // SAFETY: f32_path gives Gemm only on an Avx2 isa or better (AVX2, FMA and F16C present).
+            #[cfg(target_arch = "x86_64")]
+            None => unsafe { f32_tiles::decode(self.format, bytes, &mut decoded) },
+            #[cfg(not(target_arch = "x86_64"))]
+            None => tiefsee_gguf::dequantize_into(
+                self.format.ty().expect("only FP8 has no GGUF type"),
+                bytes,
+                &mut decoded,
+            )
+            .expect("QMatrix::new checked that rows are whole blocks"),
+        }
         // SAFETY: dst (tokens, rows.len()) at column rows.start of `out` (row stride self.rows) is
         // ours alone (caller); lhs = x (tokens, cols) and rhs = decoded^T (cols, rows.len()) are read
         // within their lengths.
@@ -827,6 +914,7 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
                     f32_tiles::tile(
                         m.format,
                         m.data(),
+                        m.scales.as_ref(),
                         m.cols,
                         m.rows,
                         task.rows.clone(),

@@ -260,7 +260,7 @@ fn slice_rows_is_the_same_rows() {
     for ty in TYPES {
         let (m, _) = matrix(ty, rows, cols, 3);
         let s = m.slice_rows(10, 7).unwrap();
-        assert_eq!((s.rows(), s.cols(), s.ty()), (7, cols, ty));
+        assert_eq!((s.rows(), s.cols(), s.ty()), (7, cols, Some(ty)));
         assert_eq!(s.data(), &m.data()[10 * m.row_bytes()..17 * m.row_bytes()]);
         let x = values(3 * cols, 9, 1.0);
         let (mut full, mut part) = (vec![0f32; 3 * rows], vec![0f32; 3 * 7]);
@@ -479,4 +479,166 @@ fn batch_size_errors_name_the_job() {
         matmul_batch(&mut jobs),
         Err(KernelError::Job { index: 0, source }) if matches!(*source, KernelError::InputLength { len: 31, cols: 32 })
     ));
+}
+
+/// The value of e4m3 byte `b` from the format's definition (OCP FP8: bias 7, subnormals below
+/// exponent 1, S.1111.111 NaN), as DeepSeek's checkpoints store weights.
+fn e4m3(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (exponent, mantissa) = (i32::from((b >> 3) & 0xF), f64::from(b & 7));
+    let magnitude = match exponent {
+        15 if mantissa == 7.0 => f64::NAN,
+        0 => 2f64.powi(-6) * mantissa / 8.0,
+        e => 2f64.powi(e - 7) * (1.0 + mantissa / 8.0),
+    };
+    (sign * magnitude) as f32
+}
+
+/// A random FP8 matrix (no NaN bytes) with a random positive scale per `block` and its weights as the
+/// reference dequantizes them, `f32(e4m3) * scale`.
+fn fp8_matrix(rows: usize, cols: usize, block: [usize; 2], seed: u64) -> (QMatrix, Vec<f32>) {
+    let levels = values(rows * cols, seed, 60.0);
+    let bytes: Vec<u8> = levels
+        .iter()
+        .map(|&v| {
+            let b = (v.abs().min(126.0) as u8) | if v < 0.0 { 0x80 } else { 0 };
+            if b & 0x7F == 0x7F { b - 1 } else { b }
+        })
+        .collect();
+    let grid = [rows.div_ceil(block[0]), cols.div_ceil(block[1])];
+    let scales: Vec<f32> = values(grid[0] * grid[1], seed + 1, 1e-3)
+        .iter()
+        .map(|s| s.abs() + 1e-4)
+        .collect();
+    let w = bytes
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            let (r, c) = (i / cols, i % cols);
+            e4m3(b) * scales[r / block[0] * grid[1] + c / block[1]]
+        })
+        .collect();
+    let m = QMatrix::fp8(rows, cols, WeightBytes::from_vec(bytes), scales, block).unwrap();
+    (m, w)
+}
+
+/// DeepSeek's FP8 weights, read in place, multiply the f32 activations within f32 rounding of the
+/// exact product over `f32(e4m3) * scale`, for every token count (row by row, the register kernel,
+/// gemm), with partial blocks at both edges and blocks whose width is not a multiple of eight.
+#[test]
+fn fp8_weights_multiply_exactly() {
+    for (rows, cols, block) in [(150, 300, [128, 128]), (40, 90, [16, 12])] {
+        let (m, w) = fp8_matrix(rows, cols, block, 11);
+        assert_eq!(
+            (m.rows(), m.cols(), m.ty(), m.row_bytes()),
+            (rows, cols, None, cols)
+        );
+        for tokens in [1, 3, 17, 40, 256] {
+            let x = values(tokens * cols, tokens as u64 + 3, 1.0);
+            let mut out = vec![f32::NAN; tokens * rows];
+            m.matmul(&x, &mut out).unwrap();
+            check_f32_product(
+                &format!("FP8 {block:?} {tokens} tokens"),
+                &w,
+                &x,
+                &out,
+                cols,
+            );
+        }
+    }
+}
+
+/// Every e4m3 byte decodes to its value: a one-row matrix of all 256 bytes (scale 1) by
+/// `dequantize_row`, and of the 254 numbers times one-hot tokens on every product path. The two NaN
+/// codes, which DeepSeek's quantizer never writes, read as +-480 (documented in `QMatrix::fp8`).
+#[test]
+fn fp8_decodes_every_byte() {
+    let bytes: Vec<u8> = (0..=255).collect();
+    let m = QMatrix::fp8(1, 256, WeightBytes::from_vec(bytes), vec![1.0], [1, 256]).unwrap();
+    let mut row = vec![0f32; 256];
+    m.dequantize_row(0, &mut row);
+    for (b, v) in row.iter().enumerate() {
+        let expected = match e4m3(b as u8) {
+            nan if nan.is_nan() => 480f32.copysign(if b & 0x80 != 0 { -1.0 } else { 1.0 }),
+            number => number,
+        };
+        assert_eq!(
+            v.to_bits(),
+            expected.to_bits(),
+            "byte {b:#04x}: {v} vs {expected}"
+        );
+    }
+    assert_eq!(
+        (e4m3(0x7E), e4m3(0x08), e4m3(0x01)),
+        (448.0, 2f32.powi(-6), 2f32.powi(-9))
+    );
+
+    let numbers: Vec<u8> = (0..=255u8).filter(|b| b & 0x7F != 0x7F).collect();
+    let cols = numbers.len();
+    let m = QMatrix::fp8(
+        1,
+        cols,
+        WeightBytes::from_vec(numbers.clone()),
+        vec![0.5],
+        [1, cols],
+    )
+    .unwrap();
+    for tokens in [3, 40, cols] {
+        let mut x = vec![0f32; tokens * cols];
+        for t in 0..tokens {
+            x[t * cols + t] = 1.0;
+        }
+        let mut out = vec![f32::NAN; tokens];
+        m.matmul(&x, &mut out).unwrap();
+        for (t, v) in out.iter().enumerate() {
+            let expected = e4m3(numbers[t]) * 0.5;
+            // A sum of products: -0 comes out +0.
+            assert_eq!(*v, expected, "{tokens} tokens, byte {:#04x}", numbers[t]);
+        }
+    }
+}
+
+/// A row slice of an FP8 matrix keeps its rows' scales (the slice may start inside a block), and
+/// `dequantize_row` gives the reference weights.
+#[test]
+fn fp8_row_slices_and_rows() {
+    let (rows, cols) = (150, 300);
+    let (m, w) = fp8_matrix(rows, cols, [128, 128], 12);
+    let s = m.slice_rows(100, 50).unwrap();
+    let x = values(5 * cols, 13, 1.0);
+    let (mut all, mut part) = (vec![0f32; 5 * rows], vec![0f32; 5 * 50]);
+    m.matmul(&x, &mut all).unwrap();
+    s.matmul(&x, &mut part).unwrap();
+    for t in 0..5 {
+        assert_eq!(
+            &part[t * 50..(t + 1) * 50],
+            &all[t * rows + 100..(t + 1) * rows]
+        );
+    }
+    let mut row = vec![0f32; cols];
+    s.dequantize_row(40, &mut row);
+    assert_eq!(row, &w[140 * cols..141 * cols]);
+}
+
+#[test]
+fn fp8_size_errors_are_returned() {
+    let bytes = |n| WeightBytes::from_vec(vec![0u8; n]);
+    assert!(matches!(
+        QMatrix::fp8(3, 4, bytes(11), vec![1.0], [128, 128]),
+        Err(KernelError::Fp8Shape {
+            expected_bytes: 12,
+            found_bytes: 11,
+            ..
+        })
+    ));
+    let message = QMatrix::fp8(200, 4, bytes(800), vec![1.0], [128, 128])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("2 block scales") && message.contains("1 scales"),
+        "{message}"
+    );
+    assert!(QMatrix::fp8(2, 2, bytes(4), vec![1.0], [0, 128]).is_err());
+    assert!(QMatrix::fp8(0, 0, bytes(0), vec![], [128, 128]).is_err());
+    assert!(QMatrix::fp8(usize::MAX, 2, bytes(4), vec![1.0], [128, 128]).is_err());
 }

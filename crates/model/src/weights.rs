@@ -2,10 +2,10 @@
 //!
 //! A folder holds either one `model.safetensors` or shards listed by `model.safetensors.index.json`.
 //! Every file is validated when opened (a truncated file is an error naming it), and every tensor
-//! is checked for name and shape when fetched. The matrices of linear maps in f32, f16 or bf16 are
+//! is checked for name and shape when fetched. The matrices of linear maps in f32, f16 or bf16, and
+//! those of DeepSeek's FP8 release (e4m3 weights with a `weight_scale_inv` per 128x128 block), are
 //! multiplied in place by `tiefsee_kernels` ([`Checkpoint::get_quantized`]); other tensors are
-//! converted to f32; DeepSeek's FP8 release (e4m3 weights with a `weight_scale_inv` per 128x128
-//! block) is dequantized on load.
+//! converted to f32 (FP8 ones dequantized with their scales, [`Checkpoint::get`]).
 //! A GGUF file can stand in for the folder ([`Checkpoint::from_gguf`]): its tensors are served under
 //! the same names.
 
@@ -207,9 +207,9 @@ impl Checkpoint {
     }
 
     /// The 2-D tensor `name` as stored, read in place from the memory map, when the kernels multiply
-    /// its format: a GGUF block format (Q8_0, Q4_K, ...) or float (f32, f16, bf16, in a GGUF or a
-    /// safetensors file). `None` means: load it with [`Checkpoint::get`] (in-memory tensors, FP8
-    /// weights, other dtypes).
+    /// its format: a GGUF block format (Q8_0, Q4_K, ...), float (f32, f16, bf16, in a GGUF or a
+    /// safetensors file) or the FP8 of a block-scaled FP8 checkpoint (its `_scale_inv` grid loaded
+    /// beside it). `None` means: load it with [`Checkpoint::get`] (in-memory tensors, other dtypes).
     pub fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QMatrix>> {
         if self.in_memory.contains_key(name) {
             return Ok(None);
@@ -224,15 +224,43 @@ impl Checkpoint {
             return Ok(None);
         };
         let ty = match entry.dtype {
-            safetensors::Dtype::F32 => GgmlType::F32,
-            safetensors::Dtype::F16 => GgmlType::F16,
-            safetensors::Dtype::BF16 => GgmlType::BF16,
+            safetensors::Dtype::F32 => Some(GgmlType::F32),
+            safetensors::Dtype::F16 => Some(GgmlType::F16),
+            safetensors::Dtype::BF16 => Some(GgmlType::BF16),
+            safetensors::Dtype::F8_E4M3 => None,
             _ => return Ok(None),
         };
         self.check_shape(name, entry, shape)?;
         let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = self.files[entry.file].1.clone();
         let bytes = WeightBytes::new(owner, entry.start..entry.end)?;
-        Ok(Some(QMatrix::new(ty, rows, cols, bytes)?))
+        Ok(Some(match ty {
+            Some(ty) => QMatrix::new(ty, rows, cols, bytes)?,
+            None => {
+                let block = self.fp8_block(name, shape)?;
+                let scales = self
+                    .get(&format!("{name}_scale_inv"), &fp8_grid(block, rows, cols))?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                QMatrix::fp8(rows, cols, bytes, scales, block)?
+            }
+        }))
+    }
+
+    /// The scale block shape of FP8 tensor `name` of shape `shape`: an error unless the checkpoint
+    /// declares block-scaled FP8 and the tensor is 2-D.
+    fn fp8_block(&self, name: &str, shape: &[usize]) -> Result<[usize; 2]> {
+        match (self.fp8_block_size, shape) {
+            (Some(block), [_, _]) => Ok(block),
+            _ => Err(ModelError::UnsupportedDtype {
+                name: name.to_owned(),
+                file: self
+                    .tensors
+                    .get(name)
+                    .map(|e| self.files[e.file].0.clone())
+                    .unwrap_or_else(|| self.dir.clone()),
+                dtype: "F8_E4M3 outside a 2-D weight of a block-scaled fp8 checkpoint".into(),
+            }),
+        }
     }
 
     /// `kv_b_proj` as llama.cpp's quantized MLA pair (`attn_k_b`, `attn_v_b`) when a GGUF stores it
@@ -263,25 +291,15 @@ impl Checkpoint {
             return Ok(tensor);
         }
         let entry = self.entry(name)?;
-        let file = &self.files[entry.file].0;
         self.check_shape(name, entry, shape)?;
         let raw = self.raw(name, entry)?;
         if entry.dtype != safetensors::Dtype::F8_E4M3 {
             return Ok(raw.to_dtype(DType::F32)?);
         }
-        let (block, rows, cols) = match (self.fp8_block_size, shape) {
-            (Some(block), &[rows, cols]) => (block, rows, cols),
-            _ => {
-                return Err(ModelError::UnsupportedDtype {
-                    name: name.to_owned(),
-                    file: file.clone(),
-                    dtype: "F8_E4M3 outside a 2-D weight of a block-scaled fp8 checkpoint".into(),
-                });
-            }
-        };
-        let scale_name = format!("{name}_scale_inv");
-        let (br, bc) = (rows.div_ceil(block[0]), cols.div_ceil(block[1]));
-        let scale = self.get(&scale_name, &[br, bc])?;
+        let block = self.fp8_block(name, shape)?;
+        let (rows, cols) = (shape[0], shape[1]);
+        let [br, bc] = fp8_grid(block, rows, cols);
+        let scale = self.get(&format!("{name}_scale_inv"), &[br, bc])?;
         // (br, bc) -> (br, block0, bc, block1) -> (rows, cols): one scale per block.
         let scale = scale
             .reshape((br, 1, bc, 1))?
@@ -338,6 +356,11 @@ impl Checkpoint {
             &self.device,
         )?)
     }
+}
+
+/// Shape of the scale grid of a (`rows`, `cols`) FP8 matrix in blocks of `block`.
+fn fp8_grid(block: [usize; 2], rows: usize, cols: usize) -> [usize; 2] {
+    [rows.div_ceil(block[0]), cols.div_ceil(block[1])]
 }
 
 fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {

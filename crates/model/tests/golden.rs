@@ -281,7 +281,7 @@ fn float_safetensors_matrices_are_read_in_place() {
             .get_quantized(name, &shape)
             .unwrap()
             .unwrap_or_else(|| panic!("{dir}: {name} not read in place"));
-        assert_eq!(matrix.ty(), ty, "{dir}: {name}");
+        assert_eq!(matrix.ty(), Some(ty), "{dir}: {name}");
         assert_eq!([matrix.rows(), matrix.cols()], [shape[0], shape[1]]);
         let dense = checkpoint.get(name, &shape).unwrap();
         let row: Vec<f32> = dense.get(1).unwrap().to_vec1().unwrap();
@@ -290,6 +290,46 @@ fn float_safetensors_matrices_are_read_in_place() {
         assert_eq!(row, decoded, "{dir}: {name} row 1");
         let wrong = [shape[0] + 1, shape[1]];
         let err = checkpoint.get_quantized(name, &wrong).unwrap_err();
+        assert!(err.to_string().contains(name), "{err}");
+    }
+}
+
+/// DeepSeek's FP8 matrices stay one byte per weight in the memory map, their `weight_scale_inv` grid
+/// beside them: every row decodes to what candle's own e4m3 conversion times the block scale gives
+/// (`Checkpoint::get`), partial blocks and all; an e4m3 tensor in a checkpoint that does not declare
+/// block-scaled FP8 is an error naming it.
+#[test]
+fn fp8_matrices_are_read_in_place() {
+    use tiefsee_model::weights::Checkpoint;
+    let dir = fixture("deepseek-v3-fp8");
+    let plain = Checkpoint::open(&dir, &Device::Cpu).unwrap();
+    let checkpoint = Checkpoint::open(&dir, &Device::Cpu)
+        .unwrap()
+        .with_fp8_block_size(Some([128, 128]));
+    for name in [
+        "model.layers.0.self_attn.q_b_proj.weight",
+        "model.layers.0.self_attn.kv_b_proj.weight",
+        "model.layers.1.mlp.experts.3.down_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    ] {
+        let shape = checkpoint.shape_of(name).unwrap().to_vec();
+        let matrix = checkpoint
+            .get_quantized(name, &shape)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name} not read in place"));
+        assert_eq!(matrix.ty(), None, "{name}");
+        assert_eq!(
+            matrix.data().len(),
+            shape[0] * shape[1],
+            "{name}: one byte per weight"
+        );
+        let dense: Vec<Vec<f32>> = checkpoint.get(name, &shape).unwrap().to_vec2().unwrap();
+        let mut decoded = vec![0f32; shape[1]];
+        for (r, row) in dense.iter().enumerate() {
+            matrix.dequantize_row(r, &mut decoded);
+            assert_eq!(row, &decoded, "{name} row {r}");
+        }
+        let err = plain.get_quantized(name, &shape).unwrap_err();
         assert!(err.to_string().contains(name), "{err}");
     }
 }

@@ -19,6 +19,7 @@ use std::ops::Range;
 
 use super::avx2::{bytes_from_bits, f16_at, levels_q4_0, levels_q5_0, nibbles, prefetch_at};
 use super::float_rows::load8;
+use super::fp8::{self, BlockScales};
 use super::{Format, OutPtr};
 
 /// Columns decoded per pass: sixteen tokens' activations for them take 16 KiB of L1.
@@ -72,11 +73,12 @@ impl Transposed {
     }
 }
 
-/// Decodes weights `bytes` of a legacy or float `format` to `out`, as `tiefsee_gguf::dequantize`
-/// does.
+/// Decodes weights `bytes` of a legacy or float `format` (not FP8, whose scales are elsewhere: see
+/// `fp8::decode`) to `out`, as `tiefsee_gguf::dequantize` does.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn decode(format: Format, bytes: &[u8], out: &mut [f32]) {
     assert_eq!(format.bytes_for(out.len()), bytes.len(), "decoded length");
+    assert_ne!(format, Format::F8E4M3, "FP8 decodes with its block scales");
     let size = format.block_bytes();
     if format.is_float() {
         for (w, o) in bytes.chunks_exact(8 * size).zip(out.chunks_exact_mut(8)) {
@@ -85,7 +87,8 @@ pub(super) fn decode(format: Format, bytes: &[u8], out: &mut [f32]) {
         }
         let done = out.len() / 8 * 8;
         if done < out.len() {
-            tiefsee_gguf::dequantize_into(format.ty(), &bytes[done * size..], &mut out[done..])
+            let ty = format.ty().expect("only FP8 has no GGUF type");
+            tiefsee_gguf::dequantize_into(ty, &bytes[done * size..], &mut out[done..])
                 .expect("whole weights by the length check");
         }
         return;
@@ -173,8 +176,9 @@ fn strip_kernel(w: &[f32], xt: &[f32], cols: usize, sums: &mut [__m256]) {
     }
 }
 
-/// Outputs of all tokens of `x` for weight rows `rows` of a legacy-format matrix (`data`, `cols`
-/// columns, `out_rows` rows in `out`): decoded a strip at a time and multiplied in f32.
+/// Outputs of all tokens of `x` for weight rows `rows` of a legacy-format, float or FP8 matrix (`data`,
+/// FP8's block `scales`, `cols` columns, `out_rows` rows in `out`): decoded a strip at a time and
+/// multiplied in f32.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; no other thread may write these outputs meanwhile; `out`
@@ -184,6 +188,7 @@ fn strip_kernel(w: &[f32], xt: &[f32], cols: usize, sums: &mut [__m256]) {
 pub(super) unsafe fn tile(
     format: Format,
     data: &[u8],
+    scales: Option<&BlockScales>,
     cols: usize,
     out_rows: usize,
     rows: Range<usize>,
@@ -215,7 +220,13 @@ pub(super) unsafe fn tile(
             for (i, w) in weights.chunks_exact_mut(K_STRIP).take(n).enumerate() {
                 let row = &data[(first + i) * row_bytes..][bytes.clone()];
                 prefetch_at(row, bytes.len());
-                decode(format, row, &mut w[..width]);
+                match scales {
+                    // SAFETY: the caller guarantees the CPU features.
+                    Some(s) => unsafe {
+                        fp8::decode(row, s.row(first + i), s.block_cols(), k0, &mut w[..width])
+                    },
+                    None => decode(format, row, &mut w[..width]),
+                }
             }
             // Rows past the tile's end (n < ROWS) multiply stale values into sums never stored.
             for g in 0..token_groups {

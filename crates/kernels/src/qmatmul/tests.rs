@@ -143,7 +143,9 @@ fn avx2_dot_products_match_scalar() {
                 Format::Q4K => (avx2::dot_q4_k(row, four), avx2::dot_q4_k(row, one)),
                 Format::Q5K => (avx2::dot_q5_k(row, four), avx2::dot_q5_k(row, one)),
                 Format::Q6K => (avx2::dot_q6_k(row, four), avx2::dot_q6_k(row, one)),
-                Format::F32 | Format::F16 | Format::BF16 => unreachable!("FORMATS are blocks"),
+                Format::F32 | Format::F16 | Format::BF16 | Format::F8E4M3 => {
+                    unreachable!("FORMATS are blocks")
+                }
             }
         };
         check_dots_against_scalar("avx2", ty, format, 3 * QK_K, &simd);
@@ -194,6 +196,63 @@ fn avx2_float_rows_match_scalar() {
     }
 }
 
+/// The AVX2 FP8 decoder and row kernel against their scalar references, on a row whose blocks are
+/// not multiples of sixteen (so every segment has a vector part and a scalar tail) and which holds
+/// every byte: decoding the same bits (NaN bytes included), the dot products within reassociation
+/// error, and one token alone the same bits as in a group of four.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_fp8_matches_scalar() {
+    use super::fp8;
+    if cpu::detected() < Isa::Avx2 {
+        eprintln!("skipped: this CPU lacks AVX2/FMA/F16C");
+        return;
+    }
+    let (cols, block_cols) = (301usize, 44);
+    let row: Vec<u8> = (0..cols).map(|i| (i * 37 % 256) as u8).collect();
+    let scales: Vec<f32> = (0..cols.div_ceil(block_cols))
+        .map(|b| 0.01 + b as f32 * 0.003)
+        .collect();
+    for col0 in [0, 5] {
+        let n = cols - col0;
+        let (mut simd, mut scalar) = (vec![0f32; n], vec![0f32; n]);
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+        unsafe { fp8::decode(&row[col0..], &scales, block_cols, col0, &mut simd) };
+        fp8::decode_scalar(&row[col0..], &scales, block_cols, col0, &mut scalar);
+        for (i, (a, b)) in simd.iter().zip(&scalar).enumerate() {
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "from column {col0}, weight {i}: {a} vs {b}"
+            );
+        }
+    }
+    let numbers: Vec<u8> = row
+        .iter()
+        .map(|&b| if b & 0x7F == 0x7F { 0 } else { b })
+        .collect();
+    let x = values(4 * cols, 6, 1.0);
+    let xs: [&[f32]; 4] = std::array::from_fn(|t| &x[t * cols..(t + 1) * cols]);
+    // SAFETY: as above.
+    let (four, one) = unsafe {
+        (
+            fp8::dot(&numbers, &scales, block_cols, &xs),
+            fp8::dot(&numbers, &scales, block_cols, &[xs[2]]),
+        )
+    };
+    assert_eq!(four[2].to_bits(), one[0].to_bits(), "one token vs four");
+    let mut w = vec![0f32; cols];
+    fp8::decode_scalar(&numbers, &scales, block_cols, 0, &mut w);
+    for (t, x) in xs.iter().enumerate() {
+        let scalar = fp8::dot_scalar(&numbers, &scales, block_cols, x);
+        let bound = 1e-5 * w.iter().zip(*x).map(|(w, x)| (w * x).abs()).sum::<f32>();
+        assert!(
+            (four[t] - scalar).abs() <= bound,
+            "token {t}: {} vs scalar {scalar}",
+            four[t]
+        );
+    }
+}
+
 /// The AVX-512 kernels (Q4_0, Q5_0, Q8_0, Q6_K), on rows of an even and (for the legacy types, whose
 /// blocks go in pairs) an odd number of blocks. Runs where the CPU has AVX-512 F/BW/VL and VNNI.
 #[cfg(target_arch = "x86_64")]
@@ -215,7 +274,9 @@ fn avx512_dot_products_match_scalar() {
                 Format::Q4_1 | Format::Q5_1 | Format::Q4K | Format::Q5K => {
                     unreachable!("filtered out below")
                 }
-                Format::F32 | Format::F16 | Format::BF16 => unreachable!("FORMATS are blocks"),
+                Format::F32 | Format::F16 | Format::BF16 | Format::F8E4M3 => {
+                    unreachable!("FORMATS are blocks")
+                }
             }
         };
         if matches!(
