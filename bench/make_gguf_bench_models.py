@@ -10,9 +10,9 @@ Output, under --out (default /tmp/tiefsee-gguf-bench):
 Shapes (--scale full, the default):
 - v2-lite: DeepSeek-V2-Lite's config (hidden 2048, 27 layers, the first dense with intermediate 10944, 16 heads,
   kv_lora_rank 512, qk nope/rope 128/64, v 128, no q_lora, MoE intermediate 1408, 2 shared experts, top-6
-  routing, YaRN, vocab 102400) with 8 routed experts instead of 64 (--v2-lite-experts). Scaled down because
-  tiefsee still dequantizes to f32 on load: 64 experts are 15.7B parameters, 63 GB as f32, while 8 are 3.11B
-  (12.4 GB); and not the layer count, because llama.cpp (0.3.36) accepts a deepseek2 model without q_lora_rank
+  routing, YaRN, vocab 102400) with 8 routed experts instead of 64 (--v2-lite-experts). Scaled down to keep the
+  files and their making small on this machine (tiefsee itself now reads bf16 and quantized weights in place):
+  64 experts are 15.7B parameters, 31 GB in bf16, while 8 are 3.11B (6.2 GB); and not the layer count, because llama.cpp (0.3.36) accepts a deepseek2 model without q_lora_rank
   only with 26 or 27 layers. This is the model of the llama-bench numbers in /work/shared/FIELD-NOTES.md.
   Note that with exactly 8 experts llama.cpp's Q4_K_M gives attn_output Q5_K (tiefsee does the same).
 - r1-qwen-1.5b: DeepSeek-R1-Distill-Qwen-1.5B's config (hidden 1536, 28 layers, 12 heads, 2 KV heads,
