@@ -172,6 +172,58 @@ unsafe fn decode8(p: *const u8) -> __m256 {
     }
 }
 
+/// What takes a vector from the 2^-120 domain of [`tiny_lanes`] to weights (or sums) times a block's
+/// scale: one multiply by 2^120 x scale, which is exact when finite and then rounds the product
+/// once exactly as 2^120 and the scale in turn would; two multiplies for a scale of 2^8 or more.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Factors {
+    /// 2^120 x scale, or 2^120 when that overflows.
+    first: __m256,
+    /// The scale when `first` is 2^120 alone.
+    second: Option<__m256>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Factors {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn new(scale: f32) -> Self {
+        let combined = scale * TWO_POW_120;
+        if combined.is_finite() {
+            Self {
+                first: _mm256_set1_ps(combined),
+                second: None,
+            }
+        } else {
+            Self {
+                first: _mm256_set1_ps(TWO_POW_120),
+                second: Some(_mm256_set1_ps(scale)),
+            }
+        }
+    }
+
+    /// `v` times 2^120 times the scale.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn apply(self, v: __m256) -> __m256 {
+        match self.second {
+            None => _mm256_mul_ps(v, self.first),
+            Some(scale) => _mm256_mul_ps(_mm256_mul_ps(v, self.first), scale),
+        }
+    }
+
+    /// `acc` plus `v` times 2^120 times the scale.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn apply_add(self, v: __m256, acc: __m256) -> __m256 {
+        match self.second {
+            None => _mm256_fmadd_ps(v, self.first, acc),
+            Some(scale) => _mm256_fmadd_ps(_mm256_mul_ps(v, self.first), scale, acc),
+        }
+    }
+}
+
 /// The pieces of columns `col0..col0 + n` in blocks of `block_cols`: (block index, start, end), start
 /// and end relative to `col0`. One division per call: a division per block costs as much as
 /// decoding a block's first 32 weights.
@@ -206,8 +258,8 @@ pub(super) unsafe fn decode(
     let (p, o) = (row.as_ptr(), out.as_mut_ptr());
     for (b, mut i, end) in segments(col0, n, block_cols) {
         let scale = scales[b];
-        let (unit, scale_v) = (_mm256_set1_ps(TWO_POW_120), _mm256_set1_ps(scale));
-        let weights = |tiny: __m256| _mm256_mul_ps(_mm256_mul_ps(tiny, unit), scale_v);
+        let factors = Factors::new(scale);
+        let weights = |tiny: __m256| factors.apply(tiny);
         while i + 16 <= end {
             // SAFETY: i + 16 <= n <= row.len() and <= out.len().
             unsafe {
@@ -278,7 +330,6 @@ unsafe fn dot_pass<const T: usize>(
     let mut acc = [_mm256_setzero_ps(); T];
     let mut tail = [0f32; T];
     let p = row.as_ptr();
-    let unit = _mm256_set1_ps(TWO_POW_120);
     for (b, mut i, end) in segments(0, cols, block_cols) {
         let mut chains = [[_mm256_setzero_ps(); T]; 4];
         let mut step = |i: usize, first_chain: usize| {
@@ -315,13 +366,13 @@ unsafe fn dot_pass<const T: usize>(
             }
             i += 8;
         }
-        let scale = _mm256_set1_ps(scales[b]);
+        let factors = Factors::new(scales[b]);
         for t in 0..T {
             let sum = _mm256_add_ps(
                 _mm256_add_ps(chains[0][t], chains[1][t]),
                 _mm256_add_ps(chains[2][t], chains[3][t]),
             );
-            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(sum, unit), scale, acc[t]);
+            acc[t] = factors.apply_add(sum, acc[t]);
         }
         while i < end {
             let w = value(row[i]) * scales[b];

@@ -198,8 +198,8 @@ fn avx2_float_rows_match_scalar() {
 
 /// The AVX2 FP8 decoder and row kernel against their scalar references, on a row whose blocks are
 /// not multiples of sixteen (so every segment has a vector part and a scalar tail) and which holds
-/// every byte: decoding the same bits (NaN bytes included), the dot products within reassociation
-/// error, and one token alone the same bits as in a group of four.
+/// every byte, with one scale of 2^8 or more: decoding the same bits (NaN codes included), the dot
+/// products within reassociation error, and one token alone the same bits as in a group of four.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn avx2_fp8_matches_scalar() {
@@ -211,7 +211,14 @@ fn avx2_fp8_matches_scalar() {
     let (cols, block_cols) = (301usize, 44);
     let row: Vec<u8> = (0..cols).map(|i| (i * 37 % 256) as u8).collect();
     let scales: Vec<f32> = (0..cols.div_ceil(block_cols))
-        .map(|b| 0.01 + b as f32 * 0.003)
+        // Block 2's scale is too large to fold 2^120 into: the two-multiply path.
+        .map(|b| {
+            if b == 2 {
+                300.0
+            } else {
+                0.01 + b as f32 * 0.003
+            }
+        })
         .collect();
     for col0 in [0, 5] {
         let n = cols - col0;
