@@ -254,6 +254,27 @@ fn truncated_safetensors_is_named() {
     );
 }
 
+/// A NaN among an FP8 checkpoint's block scales is an error naming the scale tensor and block, not a
+/// model that silently answers NaNs.
+#[test]
+fn nan_fp8_block_scale_is_named() {
+    let dir = damaged_copy("deepseek-v3-fp8");
+    let path = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let name = "model.layers.1.self_attn.o_proj.weight_scale_inv";
+    assert_eq!(header[name]["shape"], serde_json::json!([2, 2]), "{name}");
+    // Block (1, 0): the third f32 of the tensor's data.
+    let start = 8 + header_len + header[name]["data_offsets"][0].as_u64().unwrap() as usize + 8;
+    bytes[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    assert_fails_with(
+        &run_raw(dir.path(), "Hi", &[]),
+        &[name, "[1, 0]", "NaN", "not a finite number"],
+    );
+}
+
 #[test]
 fn prompt_longer_than_context_is_refused() {
     let out = run_raw(

@@ -44,6 +44,15 @@ pub enum ModelError {
         file: PathBuf,
         dtype: String,
     },
+    #[error(
+        "tensor {name} in {file} holds the block scale {value} at block {block:?}: not a finite number"
+    )]
+    BadFp8Scale {
+        name: String,
+        file: PathBuf,
+        block: [usize; 2],
+        value: f32,
+    },
     #[error(transparent)]
     Gguf(#[from] tiefsee_gguf::GgufError),
     #[error(transparent)]

@@ -237,13 +237,38 @@ impl Checkpoint {
             Some(ty) => QMatrix::new(ty, rows, cols, bytes)?,
             None => {
                 let block = self.fp8_block(name, shape)?;
-                let scales = self
-                    .get(&format!("{name}_scale_inv"), &fp8_grid(block, rows, cols))?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                QMatrix::fp8(rows, cols, bytes, scales, block)?
+                let scales = self.fp8_scales(name, block, rows, cols)?;
+                QMatrix::fp8(rows, cols, bytes, scales.flatten_all()?.to_vec1()?, block)?
             }
         }))
+    }
+
+    /// The `weight_scale_inv` grid of FP8 tensor `name`, (rows, cols) in blocks of `block`: an error
+    /// naming it if a scale is NaN or infinite (a corrupt checkpoint would otherwise only give NaNs).
+    fn fp8_scales(
+        &self,
+        name: &str,
+        block: [usize; 2],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Tensor> {
+        let scale_name = format!("{name}_scale_inv");
+        let grid = fp8_grid(block, rows, cols);
+        let scales = self.get(&scale_name, &grid)?;
+        let values: Vec<f32> = scales.flatten_all()?.to_vec1()?;
+        if let Some((i, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(ModelError::BadFp8Scale {
+                file: self
+                    .tensors
+                    .get(&scale_name)
+                    .map(|e| self.files[e.file].0.clone())
+                    .unwrap_or_else(|| self.dir.clone()),
+                name: scale_name,
+                block: [i / grid[1], i % grid[1]],
+                value,
+            });
+        }
+        Ok(scales)
     }
 
     /// The scale block shape of FP8 tensor `name` of shape `shape`: an error unless the checkpoint
@@ -299,7 +324,7 @@ impl Checkpoint {
         let block = self.fp8_block(name, shape)?;
         let (rows, cols) = (shape[0], shape[1]);
         let [br, bc] = fp8_grid(block, rows, cols);
-        let scale = self.get(&format!("{name}_scale_inv"), &[br, bc])?;
+        let scale = self.fp8_scales(name, block, rows, cols)?;
         // (br, bc) -> (br, block0, bc, block1) -> (rows, cols): one scale per block.
         let scale = scale
             .reshape((br, 1, bc, 1))?
