@@ -192,13 +192,14 @@ fn float_weights_multiply_exactly() {
     }
 }
 
-/// Below the f32 kernels' token count, a token's outputs over float weights are the same bits alone
-/// as in a group (the server batches requests without changing their results).
+/// Below the f32 kernels' token count, a token's outputs over float (and FP8) weights are the same
+/// bits alone as in a group (the server batches requests without changing their results).
 #[test]
 fn a_token_over_float_weights_does_not_depend_on_the_others() {
     let (rows, cols) = (45, 264);
-    for ty in FLOATS {
-        let (m, _) = matrix(ty, rows, cols, 8);
+    let fp8 = fp8_matrix(rows, cols, [16, 128], 8).0;
+    let floats = FLOATS.map(|ty| (format!("{ty:?}"), matrix(ty, rows, cols, 8).0));
+    for (ty, m) in floats.into_iter().chain([("FP8".to_owned(), fp8)]) {
         let x = values(7 * cols, 3, 1.0);
         let mut all = vec![0f32; 7 * rows];
         m.matmul(&x, &mut all).unwrap();
@@ -210,7 +211,7 @@ fn a_token_over_float_weights_does_not_depend_on_the_others() {
                 assert_eq!(
                     a.to_bits(),
                     b.to_bits(),
-                    "{ty:?} token {t} row {r}: {a} vs {b}"
+                    "{ty} token {t} row {r}: {a} vs {b}"
                 );
             }
         }
