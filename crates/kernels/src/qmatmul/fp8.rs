@@ -115,6 +115,7 @@ pub(super) fn dot_scalar(row: &[u8], scales: &[f32], block_cols: usize, x: &[f32
 
 /// `_mm256_shuffle_epi8` controls that put bytes `first..first + 4` of the low 128-bit lane and
 /// `first + 4..first + 8` of the high one at the tops of the eight 32-bit lanes, zeroing the rest.
+#[cfg(target_arch = "x86_64")]
 const fn top_bytes(first: i8) -> [i8; 32] {
     let mut control = [-1i8; 32];
     let mut k = 0;
@@ -125,8 +126,11 @@ const fn top_bytes(first: i8) -> [i8; 32] {
     control
 }
 
-/// Shuffles picking bytes 0..8 and 8..16 of a 16-byte group broadcast to both lanes.
+/// The shuffle picking bytes 0..8 of a 16-byte group broadcast to both lanes.
+#[cfg(target_arch = "x86_64")]
 const LOW_EIGHT: [i8; 32] = top_bytes(0);
+/// The shuffle picking bytes 8..16 of a 16-byte group broadcast to both lanes.
+#[cfg(target_arch = "x86_64")]
 const HIGH_EIGHT: [i8; 32] = top_bytes(8);
 
 /// Lanes holding e4m3 bytes at their tops as the f32s of 2^-120 times their values (see
@@ -227,6 +231,7 @@ impl Factors {
 /// The pieces of columns `col0..col0 + n` in blocks of `block_cols`: (block index, start, end), start
 /// and end relative to `col0`. One division per call: a division per block costs as much as
 /// decoding a block's first 32 weights.
+#[cfg(target_arch = "x86_64")]
 fn segments(
     col0: usize,
     n: usize,
