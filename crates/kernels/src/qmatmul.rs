@@ -397,10 +397,7 @@ impl QMatrix {
                 block,
                 expected_bytes: expected_bytes.unwrap_or(usize::MAX),
                 found_bytes,
-                expected_scales: match block {
-                    [0, _] | [_, 0] => 0,
-                    [br, bc] => rows.div_ceil(br).saturating_mul(cols.div_ceil(bc)),
-                },
+                expected_scales: BlockScales::count(block, rows, cols).unwrap_or(0),
                 found_scales,
             }),
         }

@@ -238,37 +238,41 @@ impl Checkpoint {
             None => {
                 let block = self.fp8_block(name, shape)?;
                 let scales = self.fp8_scales(name, block, rows, cols)?;
-                QMatrix::fp8(rows, cols, bytes, scales.flatten_all()?.to_vec1()?, block)?
+                QMatrix::fp8(rows, cols, bytes, scales, block)?
             }
         }))
     }
 
-    /// The `weight_scale_inv` grid of FP8 tensor `name`, (rows, cols) in blocks of `block`: an error
-    /// naming it if a scale is NaN or infinite (a corrupt checkpoint would otherwise only give NaNs).
+    /// The `weight_scale_inv` grid of FP8 tensor `name`, (rows, cols) in blocks of `block`, row-major:
+    /// an error naming it if a scale is NaN or infinite (a corrupt checkpoint would otherwise only
+    /// give NaNs).
     fn fp8_scales(
         &self,
         name: &str,
         block: [usize; 2],
         rows: usize,
         cols: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<Vec<f32>> {
         let scale_name = format!("{name}_scale_inv");
         let grid = fp8_grid(block, rows, cols);
-        let scales = self.get(&scale_name, &grid)?;
-        let values: Vec<f32> = scales.flatten_all()?.to_vec1()?;
+        let values: Vec<f32> = self.get(&scale_name, &grid)?.flatten_all()?.to_vec1()?;
         if let Some((i, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(ModelError::BadFp8Scale {
-                file: self
-                    .tensors
-                    .get(&scale_name)
-                    .map(|e| self.files[e.file].0.clone())
-                    .unwrap_or_else(|| self.dir.clone()),
+                file: self.file_of(&scale_name),
                 name: scale_name,
                 block: [i / grid[1], i % grid[1]],
                 value,
             });
         }
-        Ok(scales)
+        Ok(values)
+    }
+
+    /// The file holding stored tensor `name` (the folder if it is not in one).
+    fn file_of(&self, name: &str) -> PathBuf {
+        self.tensors
+            .get(name)
+            .map(|e| self.files[e.file].0.clone())
+            .unwrap_or_else(|| self.dir.clone())
     }
 
     /// The scale block shape of FP8 tensor `name` of shape `shape`: an error unless the checkpoint
@@ -278,11 +282,7 @@ impl Checkpoint {
             (Some(block), [_, _]) => Ok(block),
             _ => Err(ModelError::UnsupportedDtype {
                 name: name.to_owned(),
-                file: self
-                    .tensors
-                    .get(name)
-                    .map(|e| self.files[e.file].0.clone())
-                    .unwrap_or_else(|| self.dir.clone()),
+                file: self.file_of(name),
                 dtype: "F8_E4M3 outside a 2-D weight of a block-scaled fp8 checkpoint".into(),
             }),
         }
@@ -326,8 +326,7 @@ impl Checkpoint {
         let [br, bc] = fp8_grid(block, rows, cols);
         let scale = self.fp8_scales(name, block, rows, cols)?;
         // (br, bc) -> (br, block0, bc, block1) -> (rows, cols): one scale per block.
-        let scale = scale
-            .reshape((br, 1, bc, 1))?
+        let scale = Tensor::from_vec(scale, (br, 1, bc, 1), &self.device)?
             .broadcast_as((br, block[0], bc, block[1]))?
             .reshape((br * block[0], bc * block[1]))?
             .narrow(0, 0, rows)?

@@ -31,6 +31,15 @@ pub(super) struct BlockScales {
 }
 
 impl BlockScales {
+    /// Blocks in the grid of a (`rows`, `cols`) matrix, partial ones included; `None` for an empty
+    /// block shape or a count past `usize`.
+    pub(super) fn count(block: [usize; 2], rows: usize, cols: usize) -> Option<usize> {
+        if block[0] == 0 || block[1] == 0 {
+            return None;
+        }
+        rows.div_ceil(block[0]).checked_mul(cols.div_ceil(block[1]))
+    }
+
     /// `values` (one per block, row-major) for a (`rows`, `cols`) matrix; `None` unless the grid has
     /// exactly that many blocks.
     pub(super) fn new(
@@ -39,14 +48,10 @@ impl BlockScales {
         rows: usize,
         cols: usize,
     ) -> Option<Self> {
-        if block[0] == 0 || block[1] == 0 {
-            return None;
-        }
-        let per_row = cols.div_ceil(block[1]);
-        (rows.div_ceil(block[0]).checked_mul(per_row) == Some(values.len())).then(|| Self {
+        (Self::count(block, rows, cols) == Some(values.len())).then(|| Self {
             values: values.into(),
             block,
-            per_row,
+            per_row: cols.div_ceil(block[1]),
             first_row: 0,
         })
     }
