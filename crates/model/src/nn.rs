@@ -13,8 +13,8 @@ use crate::weights::Weights;
 pub enum LinearWeight {
     /// (out, in) f32, differentiable.
     Dense(Tensor),
-    /// (out, in) in a GGUF block format or as stored floats (f32, f16, bf16), read in place from the
-    /// file's memory map.
+    /// (out, in) in a GGUF block format, as stored floats (f32, f16, bf16) or as DeepSeek's
+    /// block-scaled FP8, read in place from the file's memory map.
     Mapped(QMatrix),
 }
 
