@@ -35,6 +35,7 @@ mod avx512;
 mod f32_tiles;
 mod float_rows;
 mod fp8;
+mod panels;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -132,6 +133,8 @@ enum F32Path {
     Tiles,
     /// `gemm`'s f32 kernel over a decoded tile of rows.
     Gemm,
+    /// bf16 panels times up to 255 tokens (`panels`).
+    Panels,
 }
 
 impl Format {
@@ -251,6 +254,13 @@ impl Format {
             Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0
         );
         let simd = isa > Isa::Scalar;
+        if self == Format::BF16 {
+            return Some(if simd && tokens >= GEMM_MIN_TOKENS {
+                F32Path::Gemm
+            } else {
+                F32Path::Panels
+            });
+        }
         match (self.is_float(), legacy && simd) {
             (true, _) if !simd || tokens < FLOAT_TILES_MIN_TOKENS => Some(F32Path::Rows),
             (false, false) => None,
@@ -313,6 +323,8 @@ const GEMM_MIN_TOKENS: usize = 256;
 /// Weight rows per task on the f32 path: fixed, so that a product's result does not depend on the
 /// batch it runs in, and a multiple of `f32_tiles`' six-row groups.
 const F32_TILE_ROWS: usize = 60;
+/// Weight rows per task over bf16 panels: four panels, the most one tile multiplies.
+const PANEL_TASK_ROWS: usize = 4 * panels::PANEL;
 
 /// Parallel tasks per thread a batch is cut into, so that two threads finish together.
 const TASKS_PER_THREAD: usize = 4;
@@ -334,7 +346,8 @@ thread_local! {
 
 impl QMatrix {
     /// Checks that `ty` has kernels, `cols` is a positive multiple of its block size and `data` holds
-    /// exactly `rows` rows.
+    /// exactly `rows` rows. bf16 rows are copied into panels of sixteen (see `qmatmul/panels.rs`);
+    /// the other types are read where `data` lies.
     pub fn new(
         ty: GgmlType,
         rows: usize,
@@ -359,6 +372,11 @@ impl QMatrix {
                 found,
             });
         }
+        let data = if format == Format::BF16 {
+            WeightBytes::from_vec(panels::pack(data.as_slice(), rows, cols))
+        } else {
+            data
+        };
         Ok(Self {
             format,
             rows,
@@ -428,12 +446,14 @@ impl QMatrix {
         self.format.bytes_for(self.cols)
     }
 
-    /// All rows' bytes.
+    /// All rows' bytes as stored: row-major, but for bf16 in panels of sixteen rows, column-major
+    /// inside each panel (the last padded with zero rows).
     pub fn data(&self) -> &[u8] {
         self.data.as_slice()
     }
 
-    /// The rows `start..start + len`, sharing these bytes (for per-head sub-matrices).
+    /// The rows `start..start + len`, sharing these bytes (for per-head sub-matrices); bf16 rows that
+    /// do not start a panel are copied.
     pub fn slice_rows(&self, start: usize, len: usize) -> Result<QMatrix, KernelError> {
         let out_of_bounds = KernelError::RowsOutOfBounds {
             start,
@@ -446,6 +466,20 @@ impl QMatrix {
                 start,
                 len,
                 rows: self.rows,
+            });
+        }
+        if self.format == Format::BF16 {
+            if !start.is_multiple_of(panels::PANEL) {
+                let rows = panels::unpack_rows(self.data(), self.cols, start..end);
+                return QMatrix::new(GgmlType::BF16, len, self.cols, WeightBytes::from_vec(rows));
+            }
+            let first = start / panels::PANEL * panels::panel_bytes(self.cols);
+            return Ok(QMatrix {
+                rows: len,
+                data: self
+                    .data
+                    .sub(first..first + panels::bytes_for(len, self.cols)),
+                ..self.clone()
             });
         }
         let rb = self.row_bytes();
@@ -463,6 +497,9 @@ impl QMatrix {
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         assert!(row < self.rows, "row {row} of a {}-row matrix", self.rows);
         assert_eq!(out.len(), self.cols, "output length for one row");
+        if self.format == Format::BF16 {
+            return panels::dequantize_row(self.data(), self.cols, row, out);
+        }
         let rb = self.row_bytes();
         let bytes = &self.data()[row * rb..(row + 1) * rb];
         match (&self.scales, self.format.ty()) {
@@ -694,8 +731,15 @@ impl QMatrix {
         let (cols, rb) = (self.cols, self.row_bytes());
         let mut decoded = DECODED.take();
         decoded.resize(rows.len() * cols, 0.0);
-        let bytes = &self.data()[rows.start * rb..rows.end * rb];
+        let bytes = if self.format == Format::BF16 {
+            &[]
+        } else {
+            &self.data()[rows.start * rb..rows.end * rb]
+        };
         match &self.scales {
+            None if self.format == Format::BF16 => {
+                panels::decode_rows(self.data(), cols, rows.clone(), &mut decoded)
+            }
             Some(scales) => {
                 let rows_out = bytes.chunks_exact(rb).zip(decoded.chunks_exact_mut(cols));
                 for (r, (row, out)) in rows.clone().zip(rows_out) {
@@ -836,7 +880,8 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
             .iter()
             .zip(tokens)
             .map(|(j, &t)| {
-                if j.matrix.format.f32_path(isa, t) != Some(F32Path::Tiles) {
+                let path = j.matrix.format.f32_path(isa, t);
+                if !matches!(path, Some(F32Path::Tiles | F32Path::Panels)) || isa == Isa::Scalar {
                     return usize::MAX;
                 }
                 index_of(&mut keys, (j.x, j.matrix.cols))
@@ -869,11 +914,16 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
             continue;
         }
         let path = j.matrix.format.f32_path(isa, t);
-        if matches!(path, Some(F32Path::Tiles | F32Path::Gemm)) {
-            for r0 in (0..j.matrix.rows).step_by(F32_TILE_ROWS) {
+        if matches!(path, Some(F32Path::Tiles | F32Path::Gemm | F32Path::Panels)) {
+            let step = if j.matrix.format == Format::BF16 {
+                PANEL_TASK_ROWS
+            } else {
+                F32_TILE_ROWS
+            };
+            for r0 in (0..j.matrix.rows).step_by(step) {
                 tasks.push(Task {
                     job,
-                    rows: r0..(r0 + F32_TILE_ROWS).min(j.matrix.rows),
+                    rows: r0..(r0 + step).min(j.matrix.rows),
                     tokens: 0..t,
                 });
             }
@@ -921,6 +971,38 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
                     )
                 };
                 F32_TILES.set(scratch);
+                return;
+            }
+            Some(F32Path::Panels) => {
+                #[cfg(target_arch = "x86_64")]
+                if isa >= Isa::Avx2 {
+                    // SAFETY: isa is Avx2 or better only when cpu::detected() found AVX2 and FMA;
+                    // this task alone writes the outputs of its rows (tasks split each job's rows,
+                    // by whole panels); the output has tokens * rows values (checked above).
+                    unsafe {
+                        panels::multiply(
+                            m.data(),
+                            m.cols,
+                            m.rows,
+                            task.rows.clone(),
+                            &transposed[transposed_of[task.job]],
+                            &outs[task.job],
+                        )
+                    };
+                    return;
+                }
+                // SAFETY: as above, for the scalar code.
+                unsafe {
+                    panels::multiply_scalar(
+                        m.data(),
+                        m.cols,
+                        m.rows,
+                        task.rows.clone(),
+                        inputs_f32[task.job],
+                        task.tokens.clone(),
+                        &outs[task.job],
+                    )
+                };
                 return;
             }
             Some(F32Path::Rows) => {

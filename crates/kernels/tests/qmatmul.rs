@@ -284,6 +284,59 @@ fn slice_rows_is_the_same_rows() {
     }
 }
 
+/// bf16 matrices are stored in panels of sixteen rows: rows read back as written, including those of a
+/// partial last panel and on an odd number of columns; slices that start a panel share the panels,
+/// others are copied, and both multiply to the same bits as the whole matrix; and from 1 to 255
+/// tokens a token's outputs are the same bits alone as in its batch, within f32 rounding of the exact
+/// product.
+#[test]
+fn bf16_panels_keep_rows_slices_and_tokens() {
+    let (rows, cols) = (37, 301);
+    let (m, w) = matrix(GgmlType::BF16, rows, cols, 21);
+    assert_eq!(
+        m.data().len(),
+        3 * 16 * cols * 2,
+        "three panels, the last padded"
+    );
+    let mut row = vec![0f32; cols];
+    for r in 0..rows {
+        m.dequantize_row(r, &mut row);
+        assert_eq!(row, &w[r * cols..(r + 1) * cols], "row {r}");
+    }
+    let x = values(255 * cols, 22, 1.0);
+    let mut all = vec![0f32; 255 * rows];
+    m.matmul(&x, &mut all).unwrap();
+    check_f32_product("bf16 255 tokens", &w, &x, &all, cols);
+    for tokens in [1, 2, 3, 4, 7, 16, 17, 20] {
+        let mut some = vec![0f32; tokens * rows];
+        m.matmul(&x[..tokens * cols], &mut some).unwrap();
+        for (i, (a, b)) in some.iter().zip(&all).enumerate() {
+            let (t, r) = (i / rows, i % rows);
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{tokens} tokens: token {t} row {r}"
+            );
+        }
+    }
+    for (start, len) in [(16, 21), (32, 5), (10, 7), (1, 36)] {
+        let s = m.slice_rows(start, len).unwrap();
+        assert_eq!((s.rows(), s.cols()), (len, cols));
+        s.dequantize_row(len - 1, &mut row);
+        assert_eq!(row, &w[(start + len - 1) * cols..(start + len) * cols]);
+        let mut part = vec![0f32; 5 * len];
+        s.matmul(&x[..5 * cols], &mut part).unwrap();
+        for t in 0..5 {
+            let whole = &all[t * rows + start..t * rows + start + len];
+            assert_eq!(
+                &part[t * len..(t + 1) * len],
+                whole,
+                "slice {start}+{len}, token {t}"
+            );
+        }
+    }
+}
+
 #[test]
 fn dequantize_row_matches_the_reference() {
     for ty in TYPES {

@@ -10,11 +10,12 @@
 //! the same names.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::SafeTensors;
 use tiefsee_gguf::GgmlType;
 use tiefsee_kernels::{QMatrix, WeightBytes};
@@ -234,6 +235,11 @@ impl Checkpoint {
         let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = self.files[entry.file].1.clone();
         let bytes = WeightBytes::new(owner, entry.start..entry.end)?;
         Ok(Some(match ty {
+            Some(GgmlType::BF16) => {
+                let matrix = QMatrix::new(GgmlType::BF16, rows, cols, bytes)?;
+                self.release(entry.file, entry.start..entry.end);
+                matrix
+            }
             Some(ty) => QMatrix::new(ty, rows, cols, bytes)?,
             None => {
                 let block = self.fp8_block(name, shape)?;
@@ -241,6 +247,21 @@ impl Checkpoint {
                 QMatrix::fp8(rows, cols, bytes, scales, block)?
             }
         }))
+    }
+
+    /// Drops the pages of bytes `range` of file `file` from this process's map (a bf16 matrix keeps
+    /// its own copy, repacked): they stay in the page cache, and are read again if touched.
+    fn release(&self, file: usize, range: Range<usize>) {
+        // SAFETY: the map is a read-only shared map of the file: after MADV_DONTNEED its pages read
+        // the file's bytes again, so every slice of it still sees the same values.
+        // Only memory use is at stake: a kernel that refuses the advice leaves the pages mapped.
+        let _ = unsafe {
+            self.files[file].1.unchecked_advise_range(
+                UncheckedAdvice::DontNeed,
+                range.start,
+                range.len(),
+            )
+        };
     }
 
     /// The `weight_scale_inv` grid of FP8 tensor `name`, (rows, cols) in blocks of `block`, row-major:

@@ -28,8 +28,8 @@ const K_STRIP: usize = 256;
 const LANES: usize = 8;
 /// Vectors of tokens per kernel pass.
 const VECTORS: usize = 2;
-/// Tokens per kernel pass.
-const GROUP: usize = VECTORS * LANES;
+/// Tokens per kernel pass, and per group of the transposed activations.
+pub(super) const GROUP: usize = VECTORS * LANES;
 /// Weight rows per kernel pass: with two vectors of tokens, twelve accumulators, enough to hide the
 /// FMA latency on two pipes, and four registers to spare.
 const ROWS: usize = 6;
@@ -53,6 +53,21 @@ pub(super) struct Transposed {
 }
 
 impl Transposed {
+    /// Tokens.
+    pub(super) fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Columns.
+    pub(super) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Token group `g`'s values: (column, token in group).
+    pub(super) fn group(&self, g: usize) -> &[f32] {
+        &self.values[g * GROUP * self.cols..][..GROUP * self.cols]
+    }
+
     /// Rearranges `x`, (tokens, cols) row-major.
     pub(super) fn fill(&mut self, x: &[f32], cols: usize) {
         let tokens = x.len() / cols;
