@@ -14,11 +14,13 @@
 //! decoding is paid once for all tokens. The result is then the exact product up to f32 rounding,
 //! not the 8-bit-activation one.
 //!
-//! Float weights always multiply the f32 activations: row by row for a few tokens
-//! (`qmatmul/float_rows.rs`, converted in registers, so a token streams two bytes per weight for f16
-//! and bf16), through the same f32 kernels from `FLOAT_TILES_MIN_TOKENS` on. So do DeepSeek's FP8
-//! weights (`qmatmul/fp8.rs`: one byte per weight and a scale per 128 x 128 block), decoded exactly as
-//! the reference dequantizes them.
+//! Float weights always multiply the f32 activations: f32 and f16 row by row for a few tokens
+//! (`qmatmul/float_rows.rs`, converted in registers, so a token streams two bytes per weight for f16),
+//! through the same f32 kernels from `FLOAT_TILES_MIN_TOKENS` on. So do DeepSeek's FP8 weights
+//! (`qmatmul/fp8.rs`: one byte per weight and a scale per 128 x 128 block), decoded exactly as the
+//! reference dequantizes them. bf16 weights, the dtype of most Hugging Face checkpoints, are copied
+//! into panels of sixteen rows when the matrix is made (`qmatmul/panels.rs`), which one register
+//! kernel multiplies from 1 to 255 tokens with no decoding pass; `gemm` from 256.
 //!
 //! Work is split over rayon's global pool by tiles of weight rows. Inside a tile, tokens go in groups
 //! of up to four through one row at a time, so each weight row is read from memory once per call

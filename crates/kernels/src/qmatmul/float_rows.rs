@@ -1,9 +1,8 @@
-//! Rows of float weights (f32, f16 or bf16: a Hugging Face checkpoint's own dtypes, and GGUF's float
-//! tensors) times a few tokens of f32 activations, the activations used as they are.
+//! Rows of f32 or f16 weights (dtypes of Hugging Face checkpoints and GGUF files; bf16 goes through
+//! `panels`) times a few tokens of f32 activations, the activations used as they are.
 //!
-//! One token is bound by memory bandwidth: the row is streamed once, two bytes per weight for f16 and
-//! bf16, converted to f32 in registers (bf16 by a shift, f16 with F16C) and FMA'd into the
-//! accumulators of up to four tokens. Every token count sums in the same order, so a token's result
+//! One token is bound by memory bandwidth: the row is streamed once, two bytes per weight for f16,
+//! converted to f32 in registers with F16C and FMA'd into the accumulators of up to four tokens. Every token count sums in the same order, so a token's result
 //! does not depend on the others in its group.
 
 #[cfg(target_arch = "x86_64")]
@@ -29,8 +28,7 @@ fn weight(format: Format, bytes: &[u8]) -> f32 {
     match format {
         Format::F32 => f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
         Format::F16 => f16::from_le_bytes([bytes[0], bytes[1]]).to_f32(),
-        Format::BF16 => f32::from_bits(u32::from(u16::from_le_bytes([bytes[0], bytes[1]])) << 16),
-        _ => unreachable!("{format:?} is not a float format"),
+        _ => unreachable!("{format:?} is not a row-major float format"),
     }
 }
 
@@ -60,10 +58,7 @@ pub(super) unsafe fn load8(format: Format, p: *const u8) -> __m256 {
         match format {
             Format::F32 => _mm256_loadu_ps(p.cast()),
             Format::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
-            _ => {
-                let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(halves))
-            }
+            _ => unreachable!("{format:?} is not a row-major float format"),
         }
     }
 }

@@ -163,11 +163,7 @@ fn avx2_float_rows_match_scalar() {
         return;
     }
     let cols = 301;
-    for (ty, format) in [
-        (GgmlType::F32, Format::F32),
-        (GgmlType::F16, Format::F16),
-        (GgmlType::BF16, Format::BF16),
-    ] {
+    for (ty, format) in [(GgmlType::F32, Format::F32), (GgmlType::F16, Format::F16)] {
         let row = quantize(ty, &values(cols, 5, 0.1)).unwrap();
         let w = tiefsee_gguf::dequantize(ty, &row, cols).unwrap();
         let x = values(4 * cols, 6, 1.0);
@@ -295,6 +291,40 @@ fn avx512_dot_products_match_scalar() {
         check_dots_against_scalar("avx512", ty, format, 3 * QK_K, &simd);
         if format.activations() == ActFormat::Q8_0 {
             check_dots_against_scalar("avx512", ty, format, 7 * 32, &simd);
+        }
+    }
+}
+
+/// The bf16 panel kernel sums each token's row as one chain of FMAs over the columns in order, which
+/// is what the scalar code does with `mul_add`: the same bits, over every tile shape (one to six
+/// tokens, one to four panels at once) and a partial last panel.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn bf16_panels_match_scalar_bit_for_bit() {
+    if cpu::detected() < Isa::Avx2 {
+        eprintln!("skipped: this CPU lacks AVX2/FMA");
+        return;
+    }
+    let (rows, cols) = (75, 301);
+    let bytes = quantize(GgmlType::BF16, &values(rows * cols, 4, 0.05)).unwrap();
+    let m = QMatrix::new(GgmlType::BF16, rows, cols, WeightBytes::from_vec(bytes)).unwrap();
+    for tokens in [1, 2, 3, 5, 6, 16, 40] {
+        let x = values(tokens * cols, tokens as u64, 1.0);
+        let (mut fast, mut slow) = (vec![0f32; tokens * rows], vec![0f32; tokens * rows]);
+        for (isa, out) in [(Isa::Avx2, &mut fast), (Isa::Scalar, &mut slow)] {
+            let job = MatmulJob {
+                matrix: &m,
+                x: &x,
+                out,
+            };
+            matmul_batch_with(isa, &mut [job]).unwrap();
+        }
+        for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
+            assert_eq!(
+                f.to_bits(),
+                s.to_bits(),
+                "{tokens} tokens, index {i}: {f} vs {s}"
+            );
         }
     }
 }
