@@ -78,6 +78,12 @@ impl WeightBytes {
         Ok(Self { owner, range })
     }
 
+    /// All of `owner`'s bytes.
+    fn from_owner(owner: Arc<dyn AsRef<[u8]> + Send + Sync>) -> Self {
+        let range = 0..(*owner).as_ref().len();
+        Self { owner, range }
+    }
+
     /// All of `bytes`.
     pub fn from_vec(bytes: Vec<u8>) -> Self {
         let range = 0..bytes.len();
@@ -375,7 +381,7 @@ impl QMatrix {
             });
         }
         let data = if format == Format::BF16 {
-            WeightBytes::from_vec(panels::pack(data.as_slice(), rows, cols))
+            panels::pack(data.as_slice(), rows, cols)
         } else {
             data
         };
