@@ -237,7 +237,7 @@ impl Checkpoint {
         Ok(Some(match ty {
             Some(GgmlType::BF16) => {
                 let matrix = QMatrix::new(GgmlType::BF16, rows, cols, bytes)?;
-                self.release(entry.file, entry.start..entry.end);
+                release_pages(&self.files[entry.file].1, entry.start..entry.end);
                 matrix
             }
             Some(ty) => QMatrix::new(ty, rows, cols, bytes)?,
@@ -247,21 +247,6 @@ impl Checkpoint {
                 QMatrix::fp8(rows, cols, bytes, scales, block)?
             }
         }))
-    }
-
-    /// Drops the pages of bytes `range` of file `file` from this process's map (a bf16 matrix keeps
-    /// its own copy, repacked): they stay in the page cache, and are read again if touched.
-    fn release(&self, file: usize, range: Range<usize>) {
-        // SAFETY: the map is a read-only shared map of the file: after MADV_DONTNEED its pages read
-        // the file's bytes again, so every slice of it still sees the same values.
-        // Only memory use is at stake: a kernel that refuses the advice leaves the pages mapped.
-        let _ = unsafe {
-            self.files[file].1.unchecked_advise_range(
-                UncheckedAdvice::DontNeed,
-                range.start,
-                range.len(),
-            )
-        };
     }
 
     /// The `weight_scale_inv` grid of FP8 tensor `name`, (rows, cols) in blocks of `block`, row-major:
@@ -401,6 +386,17 @@ impl Checkpoint {
             &self.device,
         )?)
     }
+}
+
+/// Drops the pages of bytes `range` of `map` (a read-only map of a checkpoint file) from this
+/// process, once a bf16 matrix has copied them into its panels: they stay in the page cache, and are
+/// read again if touched.
+pub(crate) fn release_pages(map: &Mmap, range: Range<usize>) {
+    // SAFETY: the map is a read-only shared map of the file: after MADV_DONTNEED its pages read the
+    // file's bytes again, so every slice of it still sees the same values. Only memory use is at
+    // stake: a kernel that refuses the advice leaves the pages mapped.
+    let _ =
+        unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.len()) };
 }
 
 /// Shape of the scale grid of a (`rows`, `cols`) FP8 matrix in blocks of `block`.

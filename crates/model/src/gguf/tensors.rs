@@ -15,11 +15,12 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use tiefsee_gguf::{GgufFile, TensorInfo};
+use tiefsee_gguf::{GgmlType, GgufFile, TensorInfo};
 use tiefsee_kernels::{QMatrix, WeightBytes};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::config::GgufArch;
+use crate::weights::release_pages;
 
 /// llama.cpp's per-layer names (after `blk.{i}.`) and the checkpoint's (after `model.layers.{i}.`).
 /// Experts (`*_exps`) and the MLA pair (`attn_k_b`, `attn_v_b`) are expanded in code.
@@ -432,7 +433,11 @@ impl GgufTensors {
             }
             _ => WeightBytes::new(self.file.shared_map(), start..start + bytes)?,
         };
-        Ok(Some(QMatrix::new(info.ggml_type(), rows, cols, data)?))
+        let matrix = QMatrix::new(info.ggml_type(), rows, cols, data)?;
+        if info.ggml_type() == GgmlType::BF16 {
+            release_pages(&self.file.shared_map(), start..start + bytes);
+        }
+        Ok(Some(matrix))
     }
 
     /// For a `kv_b_proj` stored as llama.cpp's MLA pair in a block format the kernels multiply: the
