@@ -253,9 +253,11 @@ impl Format {
     }
 
     /// How a product over `tokens` on `isa` goes through f32, if it does (see [`F32_MIN_TOKENS`]): the
-    /// float formats always (row by row below [`FLOAT_TILES_MIN_TOKENS`] and on the scalar reference), the
-    /// legacy formats, whose byte products cost most, for several tokens on SIMD machines (the scalar
-    /// reference keeps their integer path everywhere, for the tests that hold SIMD to it).
+    /// float formats always (bf16 through its panels below [`GEMM_MIN_TOKENS`] and on the scalar
+    /// reference; f32, f16 and FP8 row by row below [`FLOAT_TILES_MIN_TOKENS`] and on the scalar
+    /// reference), the legacy formats, whose byte products cost most, for several tokens on SIMD
+    /// machines (the scalar reference keeps their integer path everywhere, for the tests that hold
+    /// SIMD to it).
     fn f32_path(self, isa: Isa, tokens: usize) -> Option<F32Path> {
         let legacy = matches!(
             self,
@@ -321,7 +323,7 @@ const MAX_TILE_BYTES: usize = 128 * 1024;
 /// are decoded once and multiplied by all tokens with f32 FMAs, 32 multiply-adds in four instructions
 /// where the AVX2 byte products of these formats take six. Below it, decoding costs more than it saves.
 const F32_MIN_TOKENS: usize = 32;
-/// Tokens from which float weights go through `f32_tiles`' register kernel rather than row by row:
+/// Tokens from which f32, f16 and FP8 weights go through `f32_tiles`' register kernel rather than row by row:
 /// they need no decoding worth the name, so the kernel wins as soon as it fills its token vectors.
 const FLOAT_TILES_MIN_TOKENS: usize = 10;
 /// Tokens from which the f32 path multiplies with `gemm` rather than `f32_tiles`' register kernel:
