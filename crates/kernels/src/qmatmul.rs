@@ -323,8 +323,8 @@ const MAX_TILE_BYTES: usize = 128 * 1024;
 /// are decoded once and multiplied by all tokens with f32 FMAs, 32 multiply-adds in four instructions
 /// where the AVX2 byte products of these formats take six. Below it, decoding costs more than it saves.
 const F32_MIN_TOKENS: usize = 32;
-/// Tokens from which f32, f16 and FP8 weights go through `f32_tiles`' register kernel rather than row by row:
-/// they need no decoding worth the name, so the kernel wins as soon as it fills its token vectors.
+/// Tokens from which f32, f16 and FP8 weights go through `f32_tiles`' register kernel rather than
+/// row by row: they need little decoding, so the kernel wins as soon as it fills its token vectors.
 const FLOAT_TILES_MIN_TOKENS: usize = 10;
 /// Tokens from which the f32 path multiplies with `gemm` rather than `f32_tiles`' register kernel:
 /// the latter goes over all tokens' activations for every few rows, which stops fitting in L2 about
