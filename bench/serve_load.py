@@ -5,9 +5,13 @@
     length is exact and no two prompts share a cache block), the same `max_tokens`, `temperature=0`,
     `logprobs=0` (one event per token whatever its text).
     Every request must answer 200, end with `data: [DONE]`, and report `completion_tokens == max_tokens`.
-    Decode throughput = sum over requests of (completion_tokens - 1) / (time the last request finished -
-    time the first request got its first token): the prefill of later requests falls inside that window,
-    so the figure is conservative. Issue target: N-stream / 1-stream >= 4x at 16 streams.
+    Decode throughput is measured as llama.cpp's `llama-batched-bench` measures its S_TG, with no prompt
+    processing in the steps timed: the tokens that arrive while every stream is decoding (from the last
+    stream's first token to the first stream's last one), per second. Issue target: N-stream / 1-stream
+    >= 4x at 16 streams. Also printed, a window that does include prompt processing: sum over requests
+    of (completion_tokens - 1) / (time the last request finished - time the first request got its first
+    token), into which the later requests' prefills fall (on the R1-Qwen-1.5B shape here, 15 x 32
+    prompt tokens take about 12 s of an 85 s window), and end to end: all tokens over the whole run.
 (b) Time to first token (first SSE event of a `max_tokens=1` stream) of a long prompt never seen before,
     then of a second prompt sharing that prefix with a different tail; the server's
     `prompt_cache_hit_tokens` is reported. Issue target: cold / hit >= 5x.
@@ -286,22 +290,24 @@ def main() -> None:
         "ttft_ratio": round(statistics.median(cold) / statistics.median(hit), 2),
     }
     rows = [
-        ("decode tok/s, 1 stream", f"{one:.1f}", ""),
-        (f"decode tok/s, {args.streams} streams", f"{many:.1f}", ""),
+        ("decode tok/s, 1 stream", f"{steady_one:.1f}", ""),
+        (f"decode tok/s, {args.streams} streams (all decoding)", f"{steady_many:.1f}", ""),
+        ("decode throughput ratio", f"{summary['steady_ratio']:.2f}x", ">= 4x" if args.streams == 16 else ""),
         (f"generated tokens per engine step, {args.streams} streams",
          f"{tp[args.streams]['tokens_per_step']:.2f}", ""),
-        ("throughput ratio", f"{summary['throughput_ratio']:.2f}x", ">= 4x" if args.streams == 16 else ""),
-        (f"steady decode tok/s, all {args.streams} streams decoding", f"{steady_many:.1f}", ""),
-        ("steady ratio (same, against 1 stream)", f"{summary['steady_ratio']:.2f}x", ""),
+        (f"tok/s, {args.streams} streams, window with later prefills", f"{many:.1f}", ""),
+        ("ratio of that window (against 1 stream's)", f"{summary['throughput_ratio']:.2f}x", ""),
+        ("end-to-end ratio (all tokens over the whole run)",
+         f"{tp[args.streams]['e2e_tok_s'] / tp[1]['e2e_tok_s']:.2f}x", ""),
         (f"TTFT cold, {summary['long_prompt_tokens']}-token prompt", f"{summary['ttft_cold_s'] * 1e3:.1f} ms", ""),
         (f"TTFT prefix hit ({summary['prompt_cache_hit_tokens']} cached)", f"{summary['ttft_hit_s'] * 1e3:.1f} ms", ""),
         ("TTFT ratio", f"{summary['ttft_ratio']:.2f}x", ">= 5x"),
     ]
     print(f"tiefsee serve load test: {args.model}, --ctx {args.ctx}, prompts of {args.prompt_tokens} tokens, "
           f"max_tokens {args.max_tokens}, temperature 0, median of {args.repeats}")
-    print(f"{'measure':<46} {'value':>12}  target")
+    print(f"{'measure':<52} {'value':>12}  target")
     for name, value, target in rows:
-        print(f"{name:<46} {value:>12}  {target}")
+        print(f"{name:<52} {value:>12}  {target}")
     print(json.dumps(summary))
 
 
