@@ -14,13 +14,13 @@
 //! decoding is paid once for all tokens. The result is then the exact product up to f32 rounding,
 //! not the 8-bit-activation one.
 //!
-//! Float weights always multiply the f32 activations: f32 and f16 row by row for a few tokens
-//! (`qmatmul/float_rows.rs`, converted in registers, so a token streams two bytes per weight for f16),
-//! through the same f32 kernels from `FLOAT_TILES_MIN_TOKENS` on. So do DeepSeek's FP8 weights
-//! (`qmatmul/fp8.rs`: one byte per weight and a scale per 128 x 128 block), decoded exactly as the
-//! reference dequantizes them. bf16 weights, the dtype of most Hugging Face checkpoints, are copied
-//! into panels of sixteen rows when the matrix is made (`qmatmul/panels.rs`), which one register
-//! kernel multiplies from 1 to 255 tokens with no decoding pass; `gemm` from 256.
+//! Float weights always multiply the f32 activations: f32 row by row for a few tokens
+//! (`qmatmul/float_rows.rs`), through the same f32 kernels from `FLOAT_TILES_MIN_TOKENS` on. So do
+//! DeepSeek's FP8 weights (`qmatmul/fp8.rs`: one byte per weight and a scale per 128 x 128 block),
+//! decoded exactly as the reference dequantizes them. bf16 and f16 weights, the dtypes of most Hugging
+//! Face checkpoints and of GGUF's float files, are copied into panels of sixteen rows when the matrix
+//! is made (`qmatmul/panels.rs`), which one register kernel multiplies from 1 to 255 tokens with no
+//! decoding pass; `gemm` from 256.
 //!
 //! Work is split over rayon's global pool by tiles of weight rows. Inside a tile, tokens go in groups
 //! of up to four through one row at a time, so each weight row is read from memory once per call
@@ -141,7 +141,7 @@ enum F32Path {
     Tiles,
     /// `gemm`'s f32 kernel over a decoded tile of rows.
     Gemm,
-    /// bf16 panels times up to 255 tokens (`panels`).
+    /// bf16 or f16 panels times up to 255 tokens (`panels`).
     Panels,
 }
 
@@ -179,6 +179,11 @@ impl Format {
             Format::BF16 => GgmlType::BF16,
             Format::F8E4M3 => return None,
         })
+    }
+
+    /// Whether a matrix keeps its weights in `panels` (bf16 and f16) rather than row-major.
+    fn in_panels(self) -> bool {
+        matches!(self, Format::BF16 | Format::F16)
     }
 
     /// Whether the weights multiply the f32 activations as floats (f32, f16, bf16, FP8) rather than
@@ -253,8 +258,8 @@ impl Format {
     }
 
     /// How a product over `tokens` on `isa` goes through f32, if it does (see [`F32_MIN_TOKENS`]): the
-    /// float formats always (bf16 through its panels below [`GEMM_MIN_TOKENS`] and on the scalar
-    /// reference; f32, f16 and FP8 row by row below [`FLOAT_TILES_MIN_TOKENS`] and on the scalar
+    /// float formats always (bf16 and f16 through their panels below [`GEMM_MIN_TOKENS`] and on the
+    /// scalar reference; f32 and FP8 row by row below [`FLOAT_TILES_MIN_TOKENS`] and on the scalar
     /// reference), the legacy formats, whose byte products cost most, for several tokens on SIMD
     /// machines (the scalar reference keeps their integer path everywhere, for the tests that hold
     /// SIMD to it).
@@ -264,7 +269,7 @@ impl Format {
             Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 | Format::Q8_0
         );
         let simd = isa > Isa::Scalar;
-        if self == Format::BF16 {
+        if self.in_panels() {
             return Some(if simd && tokens >= GEMM_MIN_TOKENS {
                 F32Path::Gemm
             } else {
@@ -323,7 +328,7 @@ const MAX_TILE_BYTES: usize = 128 * 1024;
 /// are decoded once and multiplied by all tokens with f32 FMAs, 32 multiply-adds in four instructions
 /// where the AVX2 byte products of these formats take six. Below it, decoding costs more than it saves.
 const F32_MIN_TOKENS: usize = 32;
-/// Tokens from which f32, f16 and FP8 weights go through `f32_tiles`' register kernel rather than
+/// Tokens from which f32 and FP8 weights go through `f32_tiles`' register kernel rather than
 /// row by row: they need little decoding, so the kernel wins as soon as it fills its token vectors.
 const FLOAT_TILES_MIN_TOKENS: usize = 10;
 /// Tokens from which the f32 path multiplies with `gemm` rather than `f32_tiles`' register kernel:
@@ -333,7 +338,7 @@ const GEMM_MIN_TOKENS: usize = 256;
 /// Weight rows per task on the f32 path: fixed, so that a product's result does not depend on the
 /// batch it runs in, and a multiple of `f32_tiles`' six-row groups.
 const F32_TILE_ROWS: usize = 60;
-/// Weight rows per task over bf16 panels: four panels, the most one tile multiplies.
+/// Weight rows per task over bf16 or f16 panels: four panels, the most one tile multiplies.
 const PANEL_TASK_ROWS: usize = 4 * panels::PANEL;
 
 /// Parallel tasks per thread a batch is cut into, so that two threads finish together.
@@ -356,7 +361,7 @@ thread_local! {
 
 impl QMatrix {
     /// Checks that `ty` has kernels, `cols` is a positive multiple of its block size and `data` holds
-    /// exactly `rows` rows. bf16 rows are copied into panels of sixteen (see `qmatmul/panels.rs`);
+    /// exactly `rows` rows. bf16 and f16 rows are copied into panels of sixteen (see `qmatmul/panels.rs`);
     /// the other types are read where `data` lies.
     pub fn new(
         ty: GgmlType,
@@ -382,7 +387,7 @@ impl QMatrix {
                 found,
             });
         }
-        let data = if format == Format::BF16 {
+        let data = if format.in_panels() {
             panels::pack(data.as_slice(), rows, cols)
         } else {
             data
@@ -456,14 +461,14 @@ impl QMatrix {
         self.format.bytes_for(self.cols)
     }
 
-    /// All rows' bytes as stored: row-major, but for bf16 in panels of sixteen rows, column-major
+    /// All rows' bytes as stored: row-major, but for bf16 and f16 in panels of sixteen rows, column-major
     /// inside each panel (the last padded with zero rows).
     pub fn data(&self) -> &[u8] {
         self.data.as_slice()
     }
 
-    /// The rows `start..start + len`, sharing these bytes (for per-head sub-matrices); bf16 rows that
-    /// do not start a panel are copied.
+    /// The rows `start..start + len`, sharing these bytes (for per-head sub-matrices); bf16 and f16
+    /// rows that do not start a panel are copied.
     pub fn slice_rows(&self, start: usize, len: usize) -> Result<QMatrix, KernelError> {
         let out_of_bounds = KernelError::RowsOutOfBounds {
             start,
@@ -478,10 +483,10 @@ impl QMatrix {
                 rows: self.rows,
             });
         }
-        if self.format == Format::BF16 {
+        if let (true, Some(ty)) = (self.format.in_panels(), self.format.ty()) {
             if !start.is_multiple_of(panels::PANEL) {
                 let rows = panels::unpack_rows(self.data(), self.cols, start..end);
-                return QMatrix::new(GgmlType::BF16, len, self.cols, WeightBytes::from_vec(rows));
+                return QMatrix::new(ty, len, self.cols, WeightBytes::from_vec(rows));
             }
             let first = start / panels::PANEL * panels::panel_bytes(self.cols);
             return Ok(QMatrix {
@@ -507,8 +512,8 @@ impl QMatrix {
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         assert!(row < self.rows, "row {row} of a {}-row matrix", self.rows);
         assert_eq!(out.len(), self.cols, "output length for one row");
-        if self.format == Format::BF16 {
-            return panels::dequantize_row(self.data(), self.cols, row, out);
+        if self.format.in_panels() {
+            return panels::dequantize_row(self.format, self.data(), self.cols, row, out);
         }
         let rb = self.row_bytes();
         let bytes = &self.data()[row * rb..(row + 1) * rb];
@@ -741,14 +746,14 @@ impl QMatrix {
         let (cols, rb) = (self.cols, self.row_bytes());
         let mut decoded = DECODED.take();
         decoded.resize(rows.len() * cols, 0.0);
-        let bytes = if self.format == Format::BF16 {
+        let bytes = if self.format.in_panels() {
             &[]
         } else {
             &self.data()[rows.start * rb..rows.end * rb]
         };
         match &self.scales {
-            None if self.format == Format::BF16 => {
-                panels::decode_rows(self.data(), cols, rows.clone(), &mut decoded)
+            None if self.format.in_panels() => {
+                panels::decode_rows(self.format, self.data(), cols, rows.clone(), &mut decoded)
             }
             Some(scales) => {
                 let rows_out = bytes.chunks_exact(rb).zip(decoded.chunks_exact_mut(cols));
@@ -925,7 +930,7 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
         }
         let path = j.matrix.format.f32_path(isa, t);
         if matches!(path, Some(F32Path::Tiles | F32Path::Gemm | F32Path::Panels)) {
-            let step = if j.matrix.format == Format::BF16 {
+            let step = if j.matrix.format.in_panels() {
                 PANEL_TASK_ROWS
             } else {
                 F32_TILE_ROWS
@@ -986,11 +991,12 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
             Some(F32Path::Panels) => {
                 #[cfg(target_arch = "x86_64")]
                 if isa >= Isa::Avx2 {
-                    // SAFETY: isa is Avx2 or better only when cpu::detected() found AVX2 and FMA;
+                    // SAFETY: isa is Avx2 or better only when cpu::detected() found AVX2, FMA and F16C;
                     // this task alone writes the outputs of its rows (tasks split each job's rows,
                     // by whole panels); the output has tokens * rows values (checked above).
                     unsafe {
                         panels::multiply(
+                            m.format,
                             m.data(),
                             m.cols,
                             m.rows,
@@ -1004,6 +1010,7 @@ fn run_batch(isa: Isa, jobs: &mut [MatmulJob<'_>], tokens: &[usize]) {
                 // SAFETY: as above, for the scalar code.
                 unsafe {
                     panels::multiply_scalar(
+                        m.format,
                         m.data(),
                         m.cols,
                         m.rows,

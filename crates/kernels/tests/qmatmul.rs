@@ -284,15 +284,21 @@ fn slice_rows_is_the_same_rows() {
     }
 }
 
-/// bf16 matrices are stored in panels of sixteen rows: rows read back as written, including those of a
-/// partial last panel and on an odd number of columns; slices that start a panel share the panels,
-/// others are copied, and both multiply to the same bits as the whole matrix; and from 1 to 255
-/// tokens a token's outputs are the same bits alone as in its batch, within f32 rounding of the exact
-/// product.
+/// bf16 and f16 matrices are stored in panels of sixteen rows: rows read back as written, including
+/// those of a partial last panel and on an odd number of columns; slices that start a panel share the
+/// panels, others are copied, and both multiply to the same bits as the whole matrix; and from 1 to
+/// 255 tokens a token's outputs are the same bits alone as in its batch, within f32 rounding of the
+/// exact product.
 #[test]
-fn bf16_panels_keep_rows_slices_and_tokens() {
+fn panels_keep_rows_slices_and_tokens() {
+    for ty in [GgmlType::BF16, GgmlType::F16] {
+        panels_keep(ty);
+    }
+}
+
+fn panels_keep(ty: GgmlType) {
     let (rows, cols) = (37, 301);
-    let (m, w) = matrix(GgmlType::BF16, rows, cols, 21);
+    let (m, w) = matrix(ty, rows, cols, 21);
     assert_eq!(
         m.data().len(),
         3 * 16 * cols * 2,
@@ -301,12 +307,12 @@ fn bf16_panels_keep_rows_slices_and_tokens() {
     let mut row = vec![0f32; cols];
     for r in 0..rows {
         m.dequantize_row(r, &mut row);
-        assert_eq!(row, &w[r * cols..(r + 1) * cols], "row {r}");
+        assert_eq!(row, &w[r * cols..(r + 1) * cols], "{ty:?} row {r}");
     }
     let x = values(255 * cols, 22, 1.0);
     let mut all = vec![0f32; 255 * rows];
     m.matmul(&x, &mut all).unwrap();
-    check_f32_product("bf16 255 tokens", &w, &x, &all, cols);
+    check_f32_product(&format!("{ty:?} 255 tokens"), &w, &x, &all, cols);
     for tokens in [1, 2, 3, 4, 7, 16, 17, 20] {
         let mut some = vec![0f32; tokens * rows];
         m.matmul(&x[..tokens * cols], &mut some).unwrap();
@@ -315,7 +321,7 @@ fn bf16_panels_keep_rows_slices_and_tokens() {
             assert_eq!(
                 a.to_bits(),
                 b.to_bits(),
-                "{tokens} tokens: token {t} row {r}"
+                "{ty:?} {tokens} tokens: token {t} row {r}"
             );
         }
     }
@@ -331,7 +337,7 @@ fn bf16_panels_keep_rows_slices_and_tokens() {
             assert_eq!(
                 &part[t * len..(t + 1) * len],
                 whole,
-                "slice {start}+{len}, token {t}"
+                "{ty:?} slice {start}+{len}, token {t}"
             );
         }
     }

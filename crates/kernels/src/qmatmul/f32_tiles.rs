@@ -1,5 +1,5 @@
-//! The f32 path of the legacy formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), the row-major float ones (f32,
-//! f16) and FP8 for short prefills and prompt chunks (`F32_MIN_TOKENS` up to `GEMM_MIN_TOKENS`): weight rows are decoded to f32 a strip of
+//! The f32 path of the legacy formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), f32 weights and FP8 for short
+//! prefills and prompt chunks (`F32_MIN_TOKENS` up to `GEMM_MIN_TOKENS`): weight rows are decoded to f32 a strip of
 //! columns at a time, and an AVX2 + FMA register kernel multiplies them by the activations,
 //! transposed once per call so that eight tokens fill a vector.
 //!

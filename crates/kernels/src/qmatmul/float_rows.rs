@@ -1,14 +1,12 @@
-//! Rows of f32 or f16 weights (dtypes of Hugging Face checkpoints and GGUF files; bf16 goes through
-//! `panels`) times a few tokens of f32 activations, the activations used as they are.
+//! Rows of f32 weights (bf16 and f16 go through `panels`) times a few tokens of f32 activations, the
+//! activations used as they are.
 //!
-//! One token is bound by memory bandwidth: the row is streamed once, two bytes per weight for f16,
-//! converted to f32 in registers with F16C and FMA'd into the accumulators of up to four tokens. Every token count sums in the same order, so a token's result
-//! does not depend on the others in its group.
+//! One token is bound by memory bandwidth: the row is streamed once and FMA'd into the accumulators
+//! of up to four tokens. Every token count sums in the same order, so a token's result does not
+//! depend on the others in its group.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
-
-use half::f16;
 
 use super::Format;
 #[cfg(target_arch = "x86_64")]
@@ -27,7 +25,6 @@ pub(super) fn weight_bytes(format: Format) -> usize {
 fn weight(format: Format, bytes: &[u8]) -> f32 {
     match format {
         Format::F32 => f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
-        Format::F16 => f16::from_le_bytes([bytes[0], bytes[1]]).to_f32(),
         _ => unreachable!("{format:?} is not a row-major float format"),
     }
 }
@@ -57,7 +54,6 @@ pub(super) unsafe fn load8(format: Format, p: *const u8) -> __m256 {
     unsafe {
         match format {
             Format::F32 => _mm256_loadu_ps(p.cast()),
-            Format::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
             _ => unreachable!("{format:?} is not a row-major float format"),
         }
     }

@@ -1,9 +1,10 @@
-//! bf16 weights as a matrix stores them: panels of 16 rows, column-major inside each panel (for each
-//! column, the 16 rows' weights are 32 contiguous bytes), the last panel padded with zero rows.
-//! Repacked once when the matrix is made.
+//! bf16 and f16 weights as a matrix stores them: panels of 16 rows, column-major inside each panel
+//! (for each column, the 16 rows' weights are 32 contiguous bytes), the last panel padded with zero
+//! rows. Repacked once when the matrix is made.
 //!
-//! Why: a 32-byte load then gives sixteen rows' weights at one column, which a shift and a mask turn
-//! into two vectors of f32 (even and odd rows) with no decoding pass; each token's activation is one
+//! Why: a 32-byte load then gives sixteen rows' weights at one column, which become two vectors of f32
+//! with no decoding pass (bf16: a shift gives the even rows, a mask the odd ones; f16: F16C converts
+//! rows 0-7 and 8-15); each token's activation is one
 //! broadcast, and a tile of 16 rows by up to six tokens keeps twelve accumulators, enough to hide the
 //! FMA latency. Row-major bf16 needs either a decoded strip (a quarter of the time at sixteen tokens)
 //! or a widening per weight in the FMA loop (four rows at most, latency-bound). One token streams
@@ -23,7 +24,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::f32_tiles::{GROUP, Transposed};
-use super::{OutPtr, WeightBytes};
+use super::{Format, OutPtr, WeightBytes};
 
 /// Rows per panel.
 pub(super) const PANEL: usize = 16;
@@ -87,16 +88,31 @@ fn fill(row_major: &[u8], rows: usize, cols: usize, out: &mut [u8]) {
         });
 }
 
-/// The weight (`row`, `col`) of `panels` as f32.
-fn weight(panels: &[u8], cols: usize, row: usize, col: usize) -> f32 {
+/// The two bytes `w` of a weight of `format` (bf16 or f16) as f32.
+fn to_f32(format: Format, w: [u8; 2]) -> f32 {
+    match format {
+        Format::BF16 => f32::from_bits(u32::from(u16::from_le_bytes(w)) << 16),
+        Format::F16 => half::f16::from_le_bytes(w).to_f32(),
+        _ => unreachable!("{format:?} is not kept in panels"),
+    }
+}
+
+/// The weight (`row`, `col`) of `panels` of `format` as f32.
+fn weight(format: Format, panels: &[u8], cols: usize, row: usize, col: usize) -> f32 {
     let at = offset(cols, row, col);
-    f32::from_bits(u32::from(u16::from_le_bytes([panels[at], panels[at + 1]])) << 16)
+    to_f32(format, [panels[at], panels[at + 1]])
 }
 
 /// Decodes row `row` of `panels` into `out` (`cols` values).
-pub(super) fn dequantize_row(panels: &[u8], cols: usize, row: usize, out: &mut [f32]) {
+pub(super) fn dequantize_row(
+    format: Format,
+    panels: &[u8],
+    cols: usize,
+    row: usize,
+    out: &mut [f32],
+) {
     for (k, o) in out[..cols].iter_mut().enumerate() {
-        *o = weight(panels, cols, row, k);
+        *o = weight(format, panels, cols, row, k);
     }
 }
 
@@ -113,7 +129,13 @@ pub(super) fn unpack_rows(panels: &[u8], cols: usize, rows: Range<usize>) -> Vec
 }
 
 /// Decodes rows `rows` (starting a panel) of `panels` into `out`, (rows.len(), cols) row-major f32.
-pub(super) fn decode_rows(panels: &[u8], cols: usize, rows: Range<usize>, out: &mut [f32]) {
+pub(super) fn decode_rows(
+    format: Format,
+    panels: &[u8],
+    cols: usize,
+    rows: Range<usize>,
+    out: &mut [f32],
+) {
     assert!(rows.start.is_multiple_of(PANEL) && out.len() == rows.len() * cols);
     let first = rows.start;
     for (p, panel) in panels[offset(cols, first, 0)..]
@@ -125,8 +147,7 @@ pub(super) fn decode_rows(panels: &[u8], cols: usize, rows: Range<usize>, out: &
             for (i, w) in column.chunks_exact(2).enumerate() {
                 let r = p * PANEL + i;
                 if r < rows.len() {
-                    out[r * cols + k] =
-                        f32::from_bits(u32::from(u16::from_le_bytes([w[0], w[1]])) << 16);
+                    out[r * cols + k] = to_f32(format, [w[0], w[1]]);
                 }
             }
         }
@@ -139,7 +160,9 @@ pub(super) fn decode_rows(panels: &[u8], cols: usize, rows: Range<usize>, out: &
 /// # Safety
 /// No other thread may write these outputs meanwhile; `out` must hold `x`'s tokens times
 /// `out_rows` values.
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn multiply_scalar(
+    format: Format,
     panels: &[u8],
     cols: usize,
     out_rows: usize,
@@ -151,7 +174,9 @@ pub(super) unsafe fn multiply_scalar(
     for t in tokens {
         let xt = &x[t * cols..][..cols];
         for r in rows.clone() {
-            let sum = (0..cols).fold(0f32, |s, k| weight(panels, cols, r, k).mul_add(xt[k], s));
+            let sum = (0..cols).fold(0f32, |s, k| {
+                weight(format, panels, cols, r, k).mul_add(xt[k], s)
+            });
             // SAFETY: (t, r) is in bounds and ours alone (caller).
             unsafe { out.store(t * out_rows + r, sum, false) };
         }
@@ -162,11 +187,36 @@ pub(super) unsafe fn multiply_scalar(
 /// tokens and per set of panels, a strip of columns at a time, every tile of tokens over the strip.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; no other thread may write these outputs meanwhile; `out` must
-/// hold `x.tokens` times `out_rows` values.
+/// The CPU must support AVX2, FMA and F16C; no other thread may write these outputs meanwhile; `out`
+/// must hold `x.tokens` times `out_rows` values.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn multiply(
+    format: Format,
+    panels: &[u8],
+    cols: usize,
+    out_rows: usize,
+    rows: Range<usize>,
+    x: &Transposed,
+    out: &OutPtr,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match format {
+            Format::BF16 => multiply_as::<false>(panels, cols, out_rows, rows, x, out),
+            Format::F16 => multiply_as::<true>(panels, cols, out_rows, rows, x, out),
+            _ => unreachable!("{format:?} is not kept in panels"),
+        }
+    }
+}
+
+/// [`multiply`] for bf16 panels (`F16` false) or f16 ones.
+///
+/// # Safety
+/// As for [`multiply`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn multiply_as<const F16: bool>(
     panels: &[u8],
     cols: usize,
     out_rows: usize,
@@ -207,15 +257,17 @@ pub(super) unsafe fn multiply(
                     // (width panels, n tokens) holds the tile's.
                     unsafe {
                         match (width, t) {
-                            (4, 1) => tile::<4, 1>([w(0), w(1), w(2), w(3)], x, strip, sums, t0, n),
-                            (2, 2) => tile::<2, 2>([w(0), w(1)], x, strip, sums, t0, n),
-                            (2, 3) => tile::<2, 3>([w(0), w(1)], x, strip, sums, t0, n),
-                            (_, 1) => tile::<1, 1>([w(0)], x, strip, sums, t0, n),
-                            (_, 2) => tile::<1, 2>([w(0)], x, strip, sums, t0, n),
-                            (_, 3) => tile::<1, 3>([w(0)], x, strip, sums, t0, n),
-                            (_, 4) => tile::<1, 4>([w(0)], x, strip, sums, t0, n),
-                            (_, 5) => tile::<1, 5>([w(0)], x, strip, sums, t0, n),
-                            _ => tile::<1, 6>([w(0)], x, strip, sums, t0, n),
+                            (4, 1) => {
+                                tile::<4, 1, F16>([w(0), w(1), w(2), w(3)], x, strip, sums, t0, n)
+                            }
+                            (2, 2) => tile::<2, 2, F16>([w(0), w(1)], x, strip, sums, t0, n),
+                            (2, 3) => tile::<2, 3, F16>([w(0), w(1)], x, strip, sums, t0, n),
+                            (_, 1) => tile::<1, 1, F16>([w(0)], x, strip, sums, t0, n),
+                            (_, 2) => tile::<1, 2, F16>([w(0)], x, strip, sums, t0, n),
+                            (_, 3) => tile::<1, 3, F16>([w(0)], x, strip, sums, t0, n),
+                            (_, 4) => tile::<1, 4, F16>([w(0)], x, strip, sums, t0, n),
+                            (_, 5) => tile::<1, 5, F16>([w(0)], x, strip, sums, t0, n),
+                            _ => tile::<1, 6, F16>([w(0)], x, strip, sums, t0, n),
                         }
                     }
                     t0 += t;
@@ -226,7 +278,10 @@ pub(super) unsafe fn multiply(
                     let sums = &sums[(q * n + j) * PANEL..][..PANEL];
                     for (h, half) in sums.chunks_exact(PANEL / 2).enumerate() {
                         for (i, &v) in half.iter().enumerate() {
-                            let r = rows.start + (set + q) * PANEL + 2 * i + h;
+                            // bf16 tiles hold the even rows, then the odd ones; f16 tiles rows
+                            // 0-7, then 8-15.
+                            let in_panel = if F16 { 8 * h + i } else { 2 * i + h };
+                            let r = rows.start + (set + q) * PANEL + in_panel;
                             if r < rows.end {
                                 // SAFETY: (token, r) is in bounds and ours alone (caller).
                                 unsafe { out.store((g * GROUP + j) * out_rows + r, v, false) };
@@ -240,17 +295,17 @@ pub(super) unsafe fn multiply(
     }
 }
 
-/// `T` tokens (from `t0` of `n` in the sums) times `P` panels over `strip` columns: `w[q]` points at
-/// the strip's first column of panel q, `x` at its first column's activation of token `t0` (columns
-/// `GROUP` apart). The sums hold, per panel and token, the even rows' eight values, then the odd
-/// rows'.
+/// `T` tokens (from `t0` of `n` in the sums) times `P` panels (bf16, or f16 if `F16`) over `strip`
+/// columns: `w[q]` points at the strip's first column of panel q, `x` at its first column's
+/// activation of token `t0` (columns `GROUP` apart). The sums hold, per panel and token, sixteen
+/// rows' values: for bf16 the even rows, then the odd ones; for f16 rows 0-7, then 8-15.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; each `w[q]` must have `strip` columns of a panel readable.
+/// The CPU must support AVX2, FMA and F16C; each `w[q]` must have `strip` columns of a panel readable.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile<const P: usize, const T: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile<const P: usize, const T: usize, const F16: bool>(
     w: [*const u8; P],
     x: &[f32],
     strip: usize,
@@ -278,13 +333,22 @@ unsafe fn tile<const P: usize, const T: usize>(
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(1024).cast());
                 _mm256_loadu_si256(p.cast())
             };
-            let even_rows = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(pair));
-            let odd_rows = _mm256_castsi256_ps(_mm256_and_si256(pair, odd));
+            let halves = if F16 {
+                [
+                    _mm256_cvtph_ps(_mm256_castsi256_si128(pair)),
+                    _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(pair)),
+                ]
+            } else {
+                [
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(pair)),
+                    _mm256_castsi256_ps(_mm256_and_si256(pair, odd)),
+                ]
+            };
             for (j, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: k * GROUP + j < x.len() (checked above).
                 let b = unsafe { _mm256_broadcast_ss(&*x.add(k * GROUP + j)) };
-                acc[0] = _mm256_fmadd_ps(even_rows, b, acc[0]);
-                acc[1] = _mm256_fmadd_ps(odd_rows, b, acc[1]);
+                acc[0] = _mm256_fmadd_ps(halves[0], b, acc[0]);
+                acc[1] = _mm256_fmadd_ps(halves[1], b, acc[1]);
             }
         }
     }
