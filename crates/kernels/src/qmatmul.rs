@@ -746,17 +746,15 @@ impl QMatrix {
         let (cols, rb) = (self.cols, self.row_bytes());
         let mut decoded = DECODED.take();
         decoded.resize(rows.len() * cols, 0.0);
-        let bytes = if self.format.in_panels() {
-            &[]
-        } else {
-            &self.data()[rows.start * rb..rows.end * rb]
-        };
+        let row_major = || &self.data()[rows.start * rb..rows.end * rb];
         match &self.scales {
             None if self.format.in_panels() => {
                 panels::decode_rows(self.format, self.data(), cols, rows.clone(), &mut decoded)
             }
             Some(scales) => {
-                let rows_out = bytes.chunks_exact(rb).zip(decoded.chunks_exact_mut(cols));
+                let rows_out = row_major()
+                    .chunks_exact(rb)
+                    .zip(decoded.chunks_exact_mut(cols));
                 for (r, (row, out)) in rows.clone().zip(rows_out) {
                     // SAFETY: f32_path gives Gemm only on an Avx2 isa or better.
                     #[cfg(target_arch = "x86_64")]
@@ -769,11 +767,11 @@ impl QMatrix {
             }
             // SAFETY: f32_path gives Gemm only on an Avx2 isa or better (AVX2, FMA and F16C present).
             #[cfg(target_arch = "x86_64")]
-            None => unsafe { f32_tiles::decode(self.format, bytes, &mut decoded) },
+            None => unsafe { f32_tiles::decode(self.format, row_major(), &mut decoded) },
             #[cfg(not(target_arch = "x86_64"))]
             None => tiefsee_gguf::dequantize_into(
                 self.format.ty().expect("only FP8 has no GGUF type"),
-                bytes,
+                row_major(),
                 &mut decoded,
             )
             .expect("QMatrix::new checked that rows are whole blocks"),
