@@ -204,7 +204,10 @@ impl ChoiceStream {
                             return;
                         }
                     }
+                    // A stop string can complete only in the flushed tail (an unfinished
+                    // character at the end comes out as U+FFFD), after the engine stopped for length.
                     let finish_reason = match reason {
+                        _ if stops.stopped() => "stop",
                         StopReason::Length | StopReason::ContextFull => "length",
                         StopReason::StopToken | StopReason::Caller => "stop",
                     };

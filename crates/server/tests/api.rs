@@ -762,3 +762,42 @@ async fn r1_logprobs_cover_the_answer_only() {
     // The random model never closes </think>: every token is reasoning, none has logprobs.
     assert_eq!(reply["choices"][0]["logprobs"], json!({"content": []}));
 }
+
+/// Every two-character window of a greedy completion, used as a stop string, cuts the same completion
+/// right before its first occurrence with finish reason "stop", even where the window only completes
+/// in the text flushed at the end (an unfinished character shown as U+FFFD).
+#[tokio::test(flavor = "multi_thread")]
+async fn any_window_of_the_text_works_as_a_stop_string() {
+    let state = state("deepseek-v3", None, 8);
+    let complete = |stop: Option<String>| {
+        let state = state.clone();
+        async move {
+            let mut body = json!({"prompt": "Es war einmal", "max_tokens": 24, "temperature": 0});
+            if let Some(stop) = stop {
+                body["stop"] = json!([stop]);
+            }
+            let (status, bytes) = post(&state, "/v1/completions", &body.to_string(), None).await;
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "{}",
+                String::from_utf8_lossy(&bytes)
+            );
+            let reply = json_of(&bytes);
+            let choice = &reply["choices"][0];
+            (
+                choice["text"].as_str().unwrap().to_owned(),
+                choice["finish_reason"].as_str().unwrap().to_owned(),
+            )
+        }
+    };
+    let (text, _) = complete(None).await;
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 4, "too short to test: {text:?}");
+    for window in chars.windows(2) {
+        let stop: String = window.iter().collect();
+        let (cut, finish) = complete(Some(stop.clone())).await;
+        assert_eq!(finish, "stop", "stop {stop:?} in {text:?}");
+        assert_eq!(cut, text[..text.find(&stop).unwrap()], "stop {stop:?}");
+    }
+}
