@@ -70,6 +70,18 @@ async fn post(
     (status, bytes.to_vec())
 }
 
+/// Posts without a key, asserts 200 OK (showing the body otherwise) and parses the JSON reply.
+async fn post_ok(state: &AppState, path: &str, body: &str) -> Value {
+    let (status, bytes) = post(state, path, body, None).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    json_of(&bytes)
+}
+
 fn json_of(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(bytes)))
@@ -106,14 +118,7 @@ fn greedy_reference(name: &str, user: &str, max_tokens: usize) -> String {
 async fn chat_completion_matches_plain_generation_and_reports_usage() {
     let state = state("deepseek-v3", None, 8);
     let body = json!({"messages": [{"role": "user", "content": "Grüße!"}], "max_tokens": 10, "temperature": 0});
-    let (status, bytes) = post(&state, "/v1/chat/completions", &body.to_string(), None).await;
-    assert_eq!(
-        status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&bytes)
-    );
-    let reply = json_of(&bytes);
+    let reply = post_ok(&state, "/v1/chat/completions", &body.to_string()).await;
     assert_eq!(reply["object"], "chat.completion");
     let content = reply["choices"][0]["message"]["content"].as_str().unwrap();
     assert_eq!(content, greedy_reference("deepseek-v3", "Grüße!", 10));
@@ -446,14 +451,7 @@ fn metric(state: &AppState, name: &str) -> u64 {
 async fn greedy_choices_equal_one_choice_and_share_the_prompt_cache() {
     let state = state("deepseek-v3", None, 8);
     let body = json!({"messages": [{"role": "user", "content": "Grüße aus München!"}], "max_tokens": 6, "temperature": 0, "n": 3});
-    let (status, bytes) = post(&state, "/v1/chat/completions", &body.to_string(), None).await;
-    assert_eq!(
-        status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&bytes)
-    );
-    let reply = json_of(&bytes);
+    let reply = post_ok(&state, "/v1/chat/completions", &body.to_string()).await;
     let expected = greedy_reference("deepseek-v3", "Grüße aus München!", 6);
     let choices = reply["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 3);
@@ -628,14 +626,7 @@ async fn logprobs_are_the_models_log_softmax() {
         .unwrap();
     let mut body = json!({"messages": [{"role": "user", "content": "Grüße!"}], "max_tokens": 8,
         "temperature": 0, "logprobs": true, "top_logprobs": 5});
-    let (status, bytes) = post(&state, "/v1/chat/completions", &body.to_string(), None).await;
-    assert_eq!(
-        status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&bytes)
-    );
-    let reply = json_of(&bytes);
+    let reply = post_ok(&state, "/v1/chat/completions", &body.to_string()).await;
     let content = reply["choices"][0]["logprobs"]["content"]
         .as_array()
         .unwrap();
@@ -726,14 +717,7 @@ async fn logprobs_are_the_models_log_softmax() {
 
     // Completions: OpenAI's legacy shape, the same numbers.
     let legacy = json!({"prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 2});
-    let (status, bytes) = post(&state, "/v1/completions", &legacy.to_string(), None).await;
-    assert_eq!(
-        status,
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&bytes)
-    );
-    let legacy = json_of(&bytes);
+    let legacy = post_ok(&state, "/v1/completions", &legacy.to_string()).await;
     let lp = &legacy["choices"][0]["logprobs"];
     let tokens = lp["tokens"].as_array().unwrap();
     assert_eq!(tokens.len(), completion);
@@ -776,14 +760,7 @@ async fn any_window_of_the_text_works_as_a_stop_string() {
             if let Some(stop) = stop {
                 body["stop"] = json!([stop]);
             }
-            let (status, bytes) = post(&state, "/v1/completions", &body.to_string(), None).await;
-            assert_eq!(
-                status,
-                StatusCode::OK,
-                "{}",
-                String::from_utf8_lossy(&bytes)
-            );
-            let reply = json_of(&bytes);
+            let reply = post_ok(&state, "/v1/completions", &body.to_string()).await;
             let choice = &reply["choices"][0];
             (
                 choice["text"].as_str().unwrap().to_owned(),
