@@ -247,9 +247,12 @@ unsafe fn multiply_as<const F16: bool>(
             let panel_at = |q: usize| panels[(first + set + q) * panel_bytes(cols)..].as_ptr();
             for k0 in (0..cols).step_by(STRIP) {
                 let strip = STRIP.min(cols - k0);
+                // Tiles as even as possible (sixteen tokens: 6 + 5 + 5, not 6 + 6 + 4), so that
+                // none is left with too few accumulators to hide the FMA latency.
+                let tiles = n.div_ceil(MAX_TILE_TOKENS);
                 let mut t0 = 0;
-                while t0 < n {
-                    let t = (n - t0).min(MAX_TILE_TOKENS);
+                for i in 0..tiles {
+                    let t = n / tiles + usize::from(i < n % tiles);
                     let w = |q: usize| panel_at(q).wrapping_add(k0 * PANEL * 2);
                     let x = &xg[k0 * GROUP + t0..];
                     // SAFETY (all arms): each panel pointer starts `strip` columns of its panel, the
