@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 
+use rayon::prelude::*;
 use tiefsee_model::ModelError;
 
 use super::executor::ModelExecutor;
@@ -120,29 +121,49 @@ impl<E: ModelExecutor> Engine<E> {
                 tokens: step.num_tokens(),
                 source,
             })?;
-        let mut sampled = Vec::new();
-        let mut logprobs = Vec::new();
+        let mut due = HashMap::new();
         for seq in step.seqs.iter().filter(|s| s.logits) {
             let id = seq.id;
             let logits = outputs
                 .iter()
                 .find(|(s, _)| *s == id)
-                .map(|(_, l)| l)
+                .map(|(_, l)| l.as_slice())
                 .ok_or(EngineError::MissingLogits(id))?;
             if logits.is_empty() {
                 return Err(EngineError::EmptyLogits(id));
             }
-            let slot = self
-                .samplers
-                .get_mut(&id)
-                .ok_or(EngineError::NoSampler(id))?;
-            let history = self.scheduler.tokens(id).unwrap_or_default();
-            let token = slot.sampler.sample(logits, history);
-            if let Some(top) = slot.logprobs {
-                logprobs.push((id, TokenLogprobs::new(logits, token, top)));
+            if !self.samplers.contains_key(&id) {
+                return Err(EngineError::NoSampler(id));
             }
-            sampled.push((id, token));
+            due.insert(id, (due.len(), logits));
         }
+        // Each sequence's sampler and log-probabilities over the vocabulary, in parallel: at many
+        // sequences this serial work would leave the other cores idle between forward passes.
+        let scheduler = &self.scheduler;
+        let mut slots: Vec<(usize, SeqId, &[f32], &mut Slot)> = self
+            .samplers
+            .iter_mut()
+            .filter_map(|(id, slot)| due.get(id).map(|&(at, logits)| (at, *id, logits, slot)))
+            .collect();
+        let mut picks: Vec<(usize, SeqId, u32, Option<TokenLogprobs>)> = slots
+            .par_iter_mut()
+            .map(|(at, id, logits, slot)| {
+                let history = scheduler.tokens(*id).unwrap_or_default();
+                let token = slot.sampler.sample(logits, history);
+                let logprobs = slot
+                    .logprobs
+                    .map(|top| TokenLogprobs::new(logits, token, top));
+                (*at, *id, token, logprobs)
+            })
+            .collect();
+        // In the step's order, as when sampled one after another.
+        picks.sort_unstable_by_key(|&(at, ..)| at);
+        let sampled: Vec<(SeqId, u32)> =
+            picks.iter().map(|&(_, id, token, _)| (id, token)).collect();
+        let mut logprobs: Vec<(SeqId, TokenLogprobs)> = picks
+            .into_iter()
+            .filter_map(|(_, id, _, lp)| lp.map(|lp| (id, lp)))
+            .collect();
         let mut events = self.scheduler.on_step_done(&sampled);
         for event in &mut events {
             match event {
