@@ -32,6 +32,11 @@ pub(super) const PANEL: usize = 16;
 /// the panel's 8 KiB.
 #[cfg(target_arch = "x86_64")]
 const STRIP: usize = 256;
+/// Panels multiplied strip by strip together: a strip's activations are read from L1 for all of them,
+/// where a panel at a time would stream every column's activations again per panel (from L3 once a
+/// group's activations outgrow L2, as for a down projection's 8960 or more columns).
+#[cfg(target_arch = "x86_64")]
+const BLOCK_PANELS: usize = 4;
 /// Most tokens per tile: twelve accumulators (two vectors of rows per token).
 #[cfg(target_arch = "x86_64")]
 const MAX_TILE_TOKENS: usize = 6;
@@ -229,7 +234,7 @@ unsafe fn multiply_as<const F16: bool>(
     let first = rows.start / PANEL;
     assert!(panels.len() >= (first + count) * panel_bytes(cols));
     let tokens = x.tokens();
-    let mut sums = [0f32; 4 * GROUP * PANEL];
+    let mut sums = [0f32; BLOCK_PANELS * GROUP * PANEL];
     for g in 0..tokens.div_ceil(GROUP) {
         let n = GROUP.min(tokens - g * GROUP);
         // Few tokens: more panels per tile, so that eight or twelve accumulators are busy.
@@ -239,44 +244,60 @@ unsafe fn multiply_as<const F16: bool>(
             _ => 1,
         };
         let xg = &x.group(g)[..cols * GROUP];
-        let mut set = 0;
-        while set < count {
-            let width = if count - set >= at_once { at_once } else { 1 };
-            let sums = &mut sums[..width * n * PANEL];
+        // Tiles as even as possible (sixteen tokens: 6 + 5 + 5, not 6 + 6 + 4), so that none is left
+        // with too few accumulators to hide the FMA latency.
+        let tiles = n.div_ceil(MAX_TILE_TOKENS);
+        for block in (0..count).step_by(BLOCK_PANELS) {
+            let block_panels = BLOCK_PANELS.min(count - block);
+            let sums = &mut sums[..block_panels * n * PANEL];
             sums.fill(0.0);
-            let panel_at = |q: usize| panels[(first + set + q) * panel_bytes(cols)..].as_ptr();
             for k0 in (0..cols).step_by(STRIP) {
                 let strip = STRIP.min(cols - k0);
-                // Tiles as even as possible (sixteen tokens: 6 + 5 + 5, not 6 + 6 + 4), so that
-                // none is left with too few accumulators to hide the FMA latency.
-                let tiles = n.div_ceil(MAX_TILE_TOKENS);
-                let mut t0 = 0;
-                for i in 0..tiles {
-                    let t = n / tiles + usize::from(i < n % tiles);
-                    let w = |q: usize| panel_at(q).wrapping_add(k0 * PANEL * 2);
-                    let x = &xg[k0 * GROUP + t0..];
-                    // SAFETY (all arms): each panel pointer starts `strip` columns of its panel, the
-                    // activations hold `strip` columns of GROUP values from t0, and the sums slice
-                    // (width panels, n tokens) holds the tile's.
-                    unsafe {
-                        match (width, t) {
-                            (4, 1) => {
-                                tile::<4, 1, F16>([w(0), w(1), w(2), w(3)], x, strip, sums, t0, n)
+                let mut set = 0;
+                while set < block_panels {
+                    let width = if block_panels - set >= at_once {
+                        at_once
+                    } else {
+                        1
+                    };
+                    let sums = &mut sums[set * n * PANEL..(set + width) * n * PANEL];
+                    let w = |q: usize| {
+                        panels[(first + block + set + q) * panel_bytes(cols) + k0 * PANEL * 2..]
+                            .as_ptr()
+                    };
+                    let mut t0 = 0;
+                    for i in 0..tiles {
+                        let t = n / tiles + usize::from(i < n % tiles);
+                        let x = &xg[k0 * GROUP + t0..];
+                        // SAFETY (all arms): each panel pointer starts `strip` columns of its
+                        // panel, the activations hold `strip` columns of GROUP values from t0, and
+                        // the sums slice (width panels, n tokens) holds the tile's.
+                        unsafe {
+                            match (width, t) {
+                                (4, 1) => tile::<4, 1, F16>(
+                                    [w(0), w(1), w(2), w(3)],
+                                    x,
+                                    strip,
+                                    sums,
+                                    t0,
+                                    n,
+                                ),
+                                (2, 2) => tile::<2, 2, F16>([w(0), w(1)], x, strip, sums, t0, n),
+                                (2, 3) => tile::<2, 3, F16>([w(0), w(1)], x, strip, sums, t0, n),
+                                (_, 1) => tile::<1, 1, F16>([w(0)], x, strip, sums, t0, n),
+                                (_, 2) => tile::<1, 2, F16>([w(0)], x, strip, sums, t0, n),
+                                (_, 3) => tile::<1, 3, F16>([w(0)], x, strip, sums, t0, n),
+                                (_, 4) => tile::<1, 4, F16>([w(0)], x, strip, sums, t0, n),
+                                (_, 5) => tile::<1, 5, F16>([w(0)], x, strip, sums, t0, n),
+                                _ => tile::<1, 6, F16>([w(0)], x, strip, sums, t0, n),
                             }
-                            (2, 2) => tile::<2, 2, F16>([w(0), w(1)], x, strip, sums, t0, n),
-                            (2, 3) => tile::<2, 3, F16>([w(0), w(1)], x, strip, sums, t0, n),
-                            (_, 1) => tile::<1, 1, F16>([w(0)], x, strip, sums, t0, n),
-                            (_, 2) => tile::<1, 2, F16>([w(0)], x, strip, sums, t0, n),
-                            (_, 3) => tile::<1, 3, F16>([w(0)], x, strip, sums, t0, n),
-                            (_, 4) => tile::<1, 4, F16>([w(0)], x, strip, sums, t0, n),
-                            (_, 5) => tile::<1, 5, F16>([w(0)], x, strip, sums, t0, n),
-                            _ => tile::<1, 6, F16>([w(0)], x, strip, sums, t0, n),
                         }
+                        t0 += t;
                     }
-                    t0 += t;
+                    set += width;
                 }
             }
-            for q in 0..width {
+            for q in 0..block_panels {
                 for j in 0..n {
                     let sums = &sums[(q * n + j) * PANEL..][..PANEL];
                     for (h, half) in sums.chunks_exact(PANEL / 2).enumerate() {
@@ -284,7 +305,7 @@ unsafe fn multiply_as<const F16: bool>(
                             // bf16 tiles hold the even rows, then the odd ones; f16 tiles rows
                             // 0-7, then 8-15.
                             let in_panel = if F16 { 8 * h + i } else { 2 * i + h };
-                            let r = rows.start + (set + q) * PANEL + in_panel;
+                            let r = rows.start + (block + q) * PANEL + in_panel;
                             if r < rows.end {
                                 // SAFETY: (token, r) is in bounds and ours alone (caller).
                                 unsafe { out.store((g * GROUP + j) * out_rows + r, v, false) };
@@ -293,7 +314,6 @@ unsafe fn multiply_as<const F16: bool>(
                     }
                 }
             }
-            set += width;
         }
     }
 }
