@@ -189,7 +189,8 @@ pub(super) unsafe fn multiply_scalar(
 }
 
 /// Outputs of all tokens of `x` for rows `rows` (starting a panel) of `panels`: per group of sixteen
-/// tokens and per set of panels, a strip of columns at a time, every tile of tokens over the strip.
+/// tokens and per block of up to four panels, a strip of columns at a time, every tile of tokens over
+/// the strip for each panel (or set of panels multiplied together) of the block.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; no other thread may write these outputs meanwhile; `out`
